@@ -1,0 +1,168 @@
+"""MV_Hybrid: a flat (isotropic) MambaVision for DINOv2 pretraining (Cho et al., MICCAI COMPAYL 2025).
+
+Blocks in the first half mix tokens with a MambaVision mixer (Hatamizadeh & Kautz, 2024) and
+channels with EinFFT (SiMBA); blocks in the second half are ViT blocks (global attention + MLP).
+There is no position embedding; the CLS token sits in the middle of the raster-ordered patch
+sequence so the one-directional scan lets both halves of the image reach it.
+
+Parameter names match the public release (github.com/chokevin8/MVHybrid) so that its teacher
+checkpoints load with ``strict=True``. Its quirks are kept on purpose (docs/deviations.md):
+the dt bias is applied twice, the depthwise convolutions have no bias, and the global
+truncated-normal init overwrites the Mamba dt init.
+"""
+import math
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ..layers import Attention, EinFFT, MixerBlock, Mlp, PatchEmbed
+from ..ops import selective_scan_fn
+from ..registry import register_model
+from .backbone import Backbone
+
+
+class MambaVisionMixer(nn.Module):
+    """MambaVision's token mixer: a selective scan on one half of the channels, a gated
+    convolution branch on the other half, concatenated and projected back.
+
+    Unlike Mamba, both depthwise convolutions are non-causal ('same' padding) and the
+    branch ``z`` is concatenated rather than used as a multiplicative gate.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, conv_bias: bool = True):
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16)
+        half = self.d_inner // 2
+        self.in_proj = nn.Linear(d_model, self.d_inner, bias=False)
+        self.x_proj = nn.Linear(half, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, half, bias=True)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        # The release passes conv_bias // 2, which is 0 for the default True: no bias.
+        self.conv1d_x = nn.Conv1d(half, half, kernel_size=d_conv, groups=half, bias=bool(conv_bias // 2))
+        self.conv1d_z = nn.Conv1d(half, half, kernel_size=d_conv, groups=half, bias=bool(conv_bias // 2))
+        # S4D-Real initialisation: A = -(1..N) on every channel (the paper's low-frequency bias).
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(half, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(half))
+
+    def _conv(self, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+        # padding='same' as in the release, spelled out (left k-1 // 2, right the rest) because
+        # torch warns on every call for even kernels.
+        k = conv.kernel_size[0]
+        x = F.pad(x, ((k - 1) // 2, k - 1 - (k - 1) // 2))
+        return F.silu(F.conv1d(x, conv.weight, conv.bias, groups=conv.groups))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        _, L, _ = hidden_states.shape
+        xz = rearrange(self.in_proj(hidden_states), "b l d -> b d l")
+        x, z = xz.chunk(2, dim=1)
+        x = self._conv(x, self.conv1d_x)
+        z = self._conv(z, self.conv1d_z)
+        x_dbl = self.x_proj(rearrange(x, "b d l -> (b l) d"))
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # dt_proj includes its bias, and the scan adds it again as delta_bias (release quirk).
+        dt = rearrange(self.dt_proj(dt), "(b l) d -> b d l", l=L)
+        B = rearrange(B, "(b l) n -> b n l", l=L).contiguous()
+        C = rearrange(C, "(b l) n -> b n l", l=L).contiguous()
+        A = -torch.exp(self.A_log.float())
+        y = selective_scan_fn(
+            x.contiguous(), dt.contiguous(), A, B, C, self.D.float(), z=None,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+        )
+        y = torch.cat([y.to(z.dtype), z], dim=1)
+        return self.out_proj(rearrange(y, "b d l -> b l d"))
+
+
+class BlockStack(nn.Module):
+    """Holds the blocks under ``blocks.blocks.<i>``, the release's key layout."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+    def __getitem__(self, i):
+        return self.blocks[i]
+
+
+def attention_start(depth: int) -> int:
+    """Index of the first attention block: ``range(d//2 + 1, d)`` for odd d, ``range(d//2, d)`` for even."""
+    return depth // 2 + 1 if depth % 2 else depth // 2
+
+
+class MVHybrid(Backbone):
+    global_pool = "cls+mean"
+
+    def __init__(
+        self,
+        img_size: int = 256,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 384,
+        depth: int = 24,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        einfft_blocks: int = 4,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        layer_scale: float = None,
+    ):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.img_size = img_size
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        first_attn = attention_start(depth)
+        blocks = []
+        for i in range(depth):
+            if i < first_attn:
+                mixer = MambaVisionMixer(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand)
+                channel_mixer = EinFFT(embed_dim, num_blocks=einfft_blocks)
+            else:
+                mixer = Attention(embed_dim, num_heads=num_heads, qkv_bias=qkv_bias)
+                channel_mixer = Mlp(embed_dim, int(embed_dim * mlp_ratio))
+            blocks.append(MixerBlock(embed_dim, mixer, channel_mixer, drop_path=dpr[i], layer_scale=layer_scale))
+        self.blocks = BlockStack(blocks)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.apply(self._init_weights)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # MambaVision._init_weights: this also overwrites the mixer's dt_proj init (kept on purpose).
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _add_cls_token(self, x: torch.Tensor, grid_hw: Tuple[int, int]):
+        mid = x.shape[1] // 2
+        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
+        return torch.cat([x[:, :mid], cls, x[:, mid:]], dim=1), mid
+
+
+register_model(
+    "mv_hybrid", MVHybrid, paper_name="MV_Hybrid",
+    description="12 MambaVision+EinFFT blocks, then 12 attention+MLP blocks, 384-d (30,963,072 parameters)",
+    img_size=256, patch_size=16, embed_dim=384, depth=24, num_heads=6,
+)

@@ -1,0 +1,5 @@
+"""Sequence-mixing kernels. Each op dispatches at call time: CUDA extension -> Triton -> pure PyTorch."""
+from .causal_conv1d import causal_conv1d_fn
+from .selective_scan import selective_scan_fn
+
+__all__ = ["selective_scan_fn", "causal_conv1d_fn"]

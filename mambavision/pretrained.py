@@ -1,0 +1,122 @@
+"""Open a checkpoint in one call: ``model = mambavision.load_pretrained("teacher_checkpoint.pth")``."""
+import os
+import re
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .registry import create_model, get_entry
+
+# Prefixes added by wrappers (DDP, torch.compile, FSDP1, activation checkpointing).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+# Where the backbone lives inside training checkpoints, most specific first.
+_BACKBONE_PREFIXES = ("teacher.backbone.", "backbone.")
+
+
+def _read(path: str) -> Mapping[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    # weights_only: a checkpoint from the internet must not be able to run code.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _strip_wrappers(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _WRAPPER_PREFIXES:
+            if p in key:
+                key = key.replace(p, "")
+                changed = True
+    return key
+
+
+def extract_backbone_state_dict(ckpt: Mapping[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Return ``(backbone_state_dict, backbone_config)`` from any supported checkpoint layout.
+
+    Accepted: a plain backbone state_dict; a DINOv2 teacher checkpoint ``{"teacher": {"backbone.*"}}``
+    (the paper's released files); a full training checkpoint ``{"model": {"teacher.backbone.*"}}``;
+    ``{"state_dict": ...}``. ``backbone_config`` is ``{"name", "kwargs"}`` when the trainer stored it.
+    """
+    meta = dict(ckpt.get("backbone_config") or {}) if isinstance(ckpt.get("backbone_config"), Mapping) else {}
+    sd: Any = ckpt
+    for key in ("teacher", "model", "state_dict"):
+        if isinstance(ckpt.get(key), Mapping):
+            sd = ckpt[key]
+            break
+    sd = {_strip_wrappers(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    for prefix in _BACKBONE_PREFIXES:
+        sub = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+        if sub:
+            return sub, meta
+    return sd, meta
+
+
+def infer_overrides(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, int]:
+    """Shape hyper-parameters readable from the weights: embed_dim, patch_size, depth."""
+    out: Dict[str, int] = {}
+    w = state_dict.get("patch_embed.proj.weight")
+    if w is not None:
+        out["embed_dim"], out["patch_size"] = int(w.shape[0]), int(w.shape[-1])
+    idx = {int(m.group(1)) for k in state_dict for m in [re.match(r"^(?:blocks\.)+(\d+)\.|^layers\.(\d+)\.", k)] if m and m.group(1)}
+    idx |= {int(m.group(1)) for k in state_dict for m in [re.match(r"^layers\.(\d+)\.", k)] if m}
+    if idx:
+        out["depth"] = max(idx) + 1
+    return out
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    """``load_state_dict`` with one readable error listing every missing, unexpected and mis-shaped key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mis_shaped = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state_dict)
+        if tuple(own[k].shape) != tuple(state_dict[k].shape)
+    )
+    if mis_shaped or (strict and (missing or unexpected)):
+
+        def fmt(title, items):
+            if not items:
+                return ""
+            shown = "\n    ".join(items[:25]) + (f"\n    ... and {len(items) - 25} more" if len(items) > 25 else "")
+            return f"\n  {title} ({len(items)}):\n    {shown}"
+
+        raise RuntimeError(
+            f"checkpoint does not match {type(model).__name__}:"
+            + fmt("missing keys", missing) + fmt("unexpected keys", unexpected) + fmt("shape mismatches", mis_shaped)
+        )
+    model.load_state_dict(state_dict, strict=strict)
+
+
+def load_pretrained(
+    path: str, name: Optional[str] = None, strict: bool = True, device: Optional[str] = None, **overrides
+) -> nn.Module:
+    """Build the backbone and load its weights, in eval mode.
+
+    ``name`` and ``overrides`` are as in :func:`create_model`. When the checkpoint was written by
+    this project's trainer they default to the stored ``backbone_config``; shape parameters that
+    can be read off the weights (embed_dim, patch_size, depth) are inferred when not given.
+    """
+    state_dict, meta = extract_backbone_state_dict(_read(path))
+    name = name or meta.get("name")
+    if name is None:
+        raise ValueError(f"{path} does not record its architecture: pass name=, one of the registered models")
+    entry = get_entry(name)
+    kwargs = dict(meta.get("kwargs") or {}) if meta.get("name", name) == name else {}
+    inferred = {k: v for k, v in infer_overrides(state_dict).items() if k in entry.accepted_keys()}
+    for k, v in inferred.items():
+        if entry.default_cfg.get(k) != v:
+            kwargs.setdefault(k, v)
+    kwargs.update(overrides)
+    model = create_model(name, **kwargs)
+    load_state_dict_checked(model, state_dict, strict=strict)
+    if device is not None:
+        model.to(device)
+    return model.eval()
