@@ -1,0 +1,137 @@
+"""Sharding of the student and teacher sub-networks.
+
+On CUDA every sub-network (backbone, dino_head, ibot_head) is wrapped as **one** FSDP2 unit with
+``fully_shard`` (the paper wraps the whole backbone as one FSDP unit):
+
+* ``FULL_SHARD``    -> ``reshard_after_forward=True``;
+* ``SHARD_GRAD_OP`` -> ``reshard_after_forward=False``;
+* ``NO_SHARD``      -> a replicate x shard mesh of shape (world, 1): parameters are replicated and
+  gradients all-reduced, i.e. DDP semantics with the FSDP2 code path.
+
+``mixed_precision.param_dtype`` / ``reduce_dtype`` become a ``MixedPrecisionPolicy`` and
+``buffer_dtype`` casts the module's buffers. Sharded parameters are DTensors; their local shards are
+what the optimiser and the teacher EMA touch.
+
+On CPU (gloo, tests) nothing is wrapped: :func:`all_reduce_grads` averages gradients explicitly, so
+the training loop is one code path either way.
+"""
+import logging
+from typing import Iterable, List
+
+import torch
+from torch import nn
+
+from dino import distributed
+
+logger = logging.getLogger("dino")
+
+try:  # torch >= 2.6
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+except ImportError:  # torch 2.4 / 2.5
+    try:
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # a build without distributed support
+        fully_shard = None
+        MixedPrecisionPolicy = None
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch < 2.5
+    try:
+        from torch.distributed._tensor import DTensor
+    except ImportError:
+        DTensor = None
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def uses_fsdp(device: torch.device) -> bool:
+    """FSDP2 is used on CUDA with a process group; CPU runs use explicit gradient all-reduce."""
+    return device.type == "cuda" and distributed.is_enabled()
+
+
+def _mesh(strategy: str, device: torch.device):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = distributed.get_global_size()
+    if strategy == "NO_SHARD":
+        return init_device_mesh(device.type, (world, 1), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+
+
+def wrap_module(module: nn.Module, module_cfg, device: torch.device) -> nn.Module:
+    """Wrap one sub-network as a single FSDP2 unit per ``module_cfg`` (CUDA); identity on CPU.
+
+    ``module_cfg`` is ``compute_precision.<student|teacher>.<module>``.
+    """
+    if not uses_fsdp(device):
+        return module
+    if fully_shard is None:
+        raise RuntimeError("this torch build has no FSDP2 (fully_shard); install torch>=2.4 with distributed support")
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        raise NotImplementedError("BatchNorm is not supported under sharding (the backbone contract forbids it)")
+    mp = module_cfg.mixed_precision
+    buffer_dtype = DTYPES[mp.buffer_dtype]
+    for name, buf in module.named_buffers():
+        if buf.is_floating_point():
+            buf.data = buf.data.to(buffer_dtype)
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[mp.param_dtype], reduce_dtype=DTYPES[mp.reduce_dtype])
+    strategy = module_cfg.sharding_strategy
+    fully_shard(
+        module,
+        mesh=_mesh(strategy, device),
+        reshard_after_forward=strategy == "FULL_SHARD",
+        mp_policy=policy,
+    )
+    return module
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The shard this rank holds (the tensor itself when it is not a DTensor)."""
+    if DTensor is not None and isinstance(t, DTensor):
+        return t.to_local()
+    return t
+
+
+def all_reduce_grads(modules: Iterable[nn.Module], device: torch.device) -> None:
+    """Average gradients over ranks for unwrapped (CPU) modules; FSDP2 already reduced them."""
+    if uses_fsdp(device) or distributed.get_global_size() == 1:
+        return
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        # Every rank must send the same list: a parameter unused on one rank contributes zeros.
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads: List[torch.Tensor] = [p.grad for p in params]
+    distributed.all_reduce_mean_(grads)
+
+
+def clip_grad_norm_(module: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip one sub-network's gradients; with DTensor gradients the norm is over the full tensor."""
+    params = [p for p in module.parameters() if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if DTensor is not None and isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return norm
+
+
+def reshard(modules: Iterable[nn.Module]) -> None:
+    """Free unsharded parameters kept after forward (``SHARD_GRAD_OP``): the teacher EMA and the
+    optimiser must act on the sharded parameters. No-op for unwrapped modules."""
+    for m in modules:
+        if callable(getattr(m, "reshard", None)) and fully_shard is not None:
+            m.reshard()
+
+
+def make_grad_scaler():
+    """fp16 loss scaler; the sharded variant all-reduces the inf/NaN check over ranks."""
+    if distributed.is_enabled():
+        try:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler()
+        except ImportError:
+            pass
+    return torch.amp.GradScaler("cuda")

@@ -1,0 +1,308 @@
+"""DINOv2 self-supervised training: ``python -m dino.train --config-file F --output-dir D [key=value ...]``.
+
+Reliability beyond upstream DINOv2:
+
+* exact resume from ``<output_dir>/checkpoint.pth`` (model, optimiser, scaler, loss centres, RNG
+  states, and the sampler position, which is a pure function of the iteration);
+* atomic checkpoints that do not depend on the world size;
+* a NaN/inf loss stops the run with :class:`NonFiniteLossError` naming the iteration, before the
+  optimiser step, leaving the last good checkpoint untouched;
+* SIGUSR1/SIGTERM (SLURM pre-emption) or :func:`request_preemption` finish the current iteration,
+  save a resumable checkpoint and return.
+"""
+import argparse
+import logging
+import math
+import os
+import signal
+import threading
+from functools import partial
+from typing import Dict, Optional
+
+import torch
+
+from dino import distributed, fsdp
+from dino.configs.config import config_to_yaml, setup
+from dino.data.loaders import make_data_loader, make_dataset
+from dino.train.ssl_meta_arch import SSLMetaArch, backbone_config
+from dino.utils.checkpoint import (
+    load_checkpoint,
+    load_file,
+    load_model_weights,
+    resume_path,
+    restore_rng_state,
+    save_checkpoint,
+    save_teacher_checkpoint,
+)
+from dino.utils.logging import MetricsWriter
+from dino.utils.schedules import CosineScheduler
+
+logger = logging.getLogger("dino")
+
+_PREEMPT = threading.Event()
+PREEMPTION_SIGNALS = ("SIGUSR1", "SIGTERM")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss was NaN or inf; the run stopped without taking the optimiser step."""
+
+
+def request_preemption() -> None:
+    """Ask the running ``do_train`` to save a resumable checkpoint after the current iteration
+    and return (for signal handlers and submitit's ``checkpoint()``)."""
+    _PREEMPT.set()
+
+
+def preemption_requested() -> bool:
+    return _PREEMPT.is_set()
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("python -m dino.train", description="DINOv2 SSL training", add_help=add_help)
+    parser.add_argument("--config-file", default="", metavar="FILE", help="experiment yaml over configs/ssl_default.yaml")
+    parser.add_argument("--output-dir", "--output_dir", default="", help="logs and checkpoints (default: train.output_dir)")
+    parser.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as key=value (e.g. optim.epochs=10)")
+    return parser
+
+
+# -- optimisation ------------------------------------------------------------------------------
+def build_optimizer(cfg, params_groups):
+    return torch.optim.AdamW(params_groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+
+
+def build_schedulers(cfg) -> Dict[str, CosineScheduler]:
+    """Per-iteration schedules; one epoch is ``train.OFFICIAL_EPOCH_LENGTH`` iterations."""
+    epoch = cfg.train.OFFICIAL_EPOCH_LENGTH
+    total = cfg.optim.epochs * epoch
+    lr = dict(base_value=cfg.optim.lr, final_value=cfg.optim.min_lr, total_iters=total,
+              warmup_iters=cfg.optim.warmup_epochs * epoch, start_warmup_value=0)
+    last_layer_lr = CosineScheduler(**lr)
+    last_layer_lr.schedule[: cfg.optim.freeze_last_layer_epochs * epoch] = 0  # prototypes frozen at first
+    warm_temp = cfg.teacher.warmup_teacher_temp_epochs * epoch
+    return {
+        "lr": CosineScheduler(**lr),
+        "wd": CosineScheduler(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total),
+        "mom": CosineScheduler(cfg.teacher.momentum_teacher, cfg.teacher.final_momentum_teacher, total),
+        "teacher_temp": CosineScheduler(cfg.teacher.teacher_temp, cfg.teacher.teacher_temp, warm_temp,
+                                        warmup_iters=warm_temp, start_warmup_value=cfg.teacher.warmup_teacher_temp),
+        "last_layer_lr": last_layer_lr,
+    }
+
+
+def apply_optim_scheduler(optimizer, lr: float, wd: float, last_layer_lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["weight_decay"] = wd * g["wd_multiplier"]
+        g["lr"] = (last_layer_lr if g["is_last_layer"] else lr) * g["lr_multiplier"]
+
+
+# -- data --------------------------------------------------------------------------------------
+def build_data_loader(cfg, start_iter: int, device: torch.device):
+    from dino.data.augmentations import DataAugmentationDINO
+    from dino.data.collate import collate_data_and_cast
+    from dino.data.masking import MaskingGenerator
+
+    aug = cfg.augmentations
+    transform = DataAugmentationDINO(
+        tuple(cfg.crops.global_crops_scale),
+        tuple(cfg.crops.local_crops_scale),
+        cfg.crops.local_crops_number,
+        global_crops_size=cfg.crops.global_crops_size,
+        local_crops_size=cfg.crops.local_crops_size,
+        mean=tuple(aug.mean),
+        std=tuple(aug.std),
+        solarization=bool(aug.solarization),
+        color_jitter=tuple(aug.color_jitter),
+        global1_blur_p=aug.global1_blur_p,
+        global2_blur_p=aug.global2_blur_p,
+        local_blur_p=aug.local_blur_p,
+    )
+    grid = cfg.crops.global_crops_size // cfg.student.patch_size
+    mask_generator = MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid)
+    collate_fn = partial(
+        collate_data_and_cast,
+        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
+        mask_probability=cfg.ibot.mask_sample_probability,
+        n_tokens=grid * grid,
+        mask_generator=mask_generator,
+        dtype=torch.float32,  # the FSDP2 mixed-precision policy casts inputs on GPU
+    )
+    dataset = make_dataset(cfg.train.dataset_path, transform=transform)
+    return make_data_loader(
+        dataset,
+        cfg.train.batch_size_per_gpu,
+        num_workers=cfg.train.num_workers,
+        seed=cfg.train.seed,
+        start_iteration=start_iter,
+        rank=distributed.get_global_rank(),
+        world_size=distributed.get_global_size(),
+        collate_fn=collate_fn,
+        pin_memory=device.type == "cuda",
+    )
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def _load_initial_weights(model: SSLMetaArch, path: str) -> None:
+    """``MODEL.WEIGHTS``: a training checkpoint, or a teacher checkpoint loaded into both networks."""
+    ckpt = load_file(path)
+    if isinstance(ckpt.get("model"), dict):
+        load_model_weights(model, ckpt["model"])
+    elif isinstance(ckpt.get("teacher"), dict):
+        load_model_weights(model.teacher, ckpt["teacher"])
+        load_model_weights(model.student, ckpt["teacher"])
+    else:
+        raise KeyError(f"MODEL.WEIGHTS={path}: expected a 'model' (training) or 'teacher' checkpoint")
+    logger.info("initial weights from %s", path)
+
+
+def do_test(cfg, model: SSLMetaArch, iteration: int) -> str:
+    """Teacher checkpoint for evaluation: ``<output_dir>/eval/training_<iteration>/teacher_checkpoint.pth``."""
+    path = os.path.join(cfg.train.output_dir, "eval", f"training_{iteration}", "teacher_checkpoint.pth")
+    save_teacher_checkpoint(path, model, backbone_config(cfg))
+    return path
+
+
+# -- signals -----------------------------------------------------------------------------------
+def _install_signal_handlers():
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for name in PREEMPTION_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            previous[sig] = signal.signal(sig, lambda signum, frame: request_preemption())
+    return previous
+
+
+def _restore_signal_handlers(previous) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+# -- loop --------------------------------------------------------------------------------------
+def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
+    """Train ``model`` (already prepared for distributed training) as configured.
+
+    Returns ``{"iteration": last completed iteration, "preempted": bool, "metrics": last values}``.
+    """
+    out_dir = cfg.train.output_dir
+    device = model.device
+    model.train()
+    optimizer = build_optimizer(cfg, model.get_params_groups())
+    scaler = model.fp16_scaler
+    schedules = build_schedulers(cfg)
+    max_iter = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
+    extra = {"config": config_to_yaml(cfg), "backbone_config": backbone_config(cfg),
+             "batch_size_per_gpu": cfg.train.batch_size_per_gpu}
+
+    start_iter, rng_state = 0, None
+    ckpt_path = os.path.join(out_dir, "checkpoint.pth")
+    found = resume_path(out_dir) if resume else None
+    if found:
+        ckpt = load_checkpoint(found, model, optimizer, scaler, restore_rng=False)
+        start_iter = ckpt["iteration"] + 1
+        rank = distributed.get_global_rank()
+        rngs = ckpt.get("rng") or []
+        rng_state = rngs[rank] if rank < len(rngs) and ckpt.get("world_size") == distributed.get_global_size() else None
+        logger.info("resuming from %s at iteration %d", found, start_iter)
+    elif cfg.MODEL.WEIGHTS:
+        _load_initial_weights(model, cfg.MODEL.WEIGHTS)
+
+    writer = MetricsWriter(out_dir, enabled=distributed.is_main_process())
+    writer.truncate_from(start_iter)
+    data_loader = build_data_loader(cfg, start_iter, device)
+    if rng_state is not None:
+        restore_rng_state(rng_state)  # last, so nothing above shifts the streams
+
+    _PREEMPT.clear()
+    previous_handlers = _install_signal_handlers()
+    iteration, preempted, values = start_iter - 1, False, {}
+    last_saved = start_iter - 1
+    logger.info("training iterations %d..%d", start_iter, max_iter - 1)
+    try:
+        data_iter = iter(data_loader)
+        for iteration in range(start_iter, max_iter):
+            data = next(data_iter)
+            lr, wd = schedules["lr"][iteration], schedules["wd"][iteration]
+            mom, teacher_temp = schedules["mom"][iteration], schedules["teacher_temp"][iteration]
+            last_layer_lr = schedules["last_layer_lr"][iteration]
+            apply_optim_scheduler(optimizer, lr, wd, last_layer_lr)
+
+            optimizer.zero_grad(set_to_none=True)
+            loss_dict = model.forward_backward(data, teacher_temp=teacher_temp)
+            fsdp.all_reduce_grads(model.student.values(), device)
+
+            # Mean losses over ranks and the pre-emption flag, in one message.
+            names = sorted(loss_dict)
+            stats = torch.stack([loss_dict[k].float() for k in names] + [torch.tensor(float(_PREEMPT.is_set()), device=device)])
+            if distributed.get_global_size() > 1:
+                torch.distributed.all_reduce(stats)
+            stats = stats.cpu().tolist()
+            world = distributed.get_global_size()
+            losses = {k: v / world for k, v in zip(names, stats[:-1])}
+            stop = stats[-1] > 0
+            total_loss = sum(losses.values())
+            if not math.isfinite(total_loss):
+                raise NonFiniteLossError(
+                    f"non-finite loss at iteration {iteration}: "
+                    + ", ".join(f"{k}={v}" for k, v in losses.items())
+                    + f". Stopped before the optimiser step; the last good checkpoint is {ckpt_path} "
+                    f"(iteration {last_saved})" + ("" if last_saved >= 0 else " (none saved yet)")
+                )
+
+            if scaler is not None:
+                if cfg.optim.clip_grad:
+                    scaler.unscale_(optimizer)
+                    for m in model.student.values():
+                        fsdp.clip_grad_norm_(m, cfg.optim.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                if cfg.optim.clip_grad:
+                    for m in model.student.values():
+                        fsdp.clip_grad_norm_(m, cfg.optim.clip_grad)
+                optimizer.step()
+            model.update_teacher(mom)
+
+            writer.tick()
+            values = dict(lr=float(lr), wd=float(wd), mom=float(mom), last_layer_lr=float(last_layer_lr),
+                          teacher_temp=float(teacher_temp),
+                          current_batch_size=int(data["collated_global_crops"].shape[0] // 2),
+                          total_loss=total_loss, **losses)
+            writer.update(**values)
+            if (iteration + 1) % cfg.train.log_freq == 0 or iteration == start_iter or iteration + 1 == max_iter or stop:
+                writer.write(iteration, max_iter, values)
+
+            if cfg.evaluation.eval_period_iterations > 0 and (iteration + 1) % cfg.evaluation.eval_period_iterations == 0:
+                do_test(cfg, model, iteration)
+            if (iteration + 1) % cfg.train.saveckp_freq == 0 or iteration + 1 == max_iter or stop:
+                save_checkpoint(ckpt_path, model, optimizer, scaler, iteration, extra)
+                last_saved = iteration
+            if stop:
+                preempted = True
+                logger.warning("pre-emption requested: saved %s at iteration %d, exiting", ckpt_path, iteration)
+                break
+        else:
+            if max_iter > start_iter and not (
+                cfg.evaluation.eval_period_iterations > 0 and max_iter % cfg.evaluation.eval_period_iterations == 0
+            ):
+                do_test(cfg, model, max_iter - 1)  # the final teacher, for evaluation
+    finally:
+        _restore_signal_handlers(previous_handlers)
+        writer.close()
+    return {"iteration": iteration, "preempted": preempted, "metrics": values}
+
+
+def main(argv=None) -> Dict:
+    args = get_args_parser().parse_args(argv)
+    cfg = setup(args)
+    logger.info("config:\n%s", config_to_yaml(cfg))
+    # Same initial weights on every rank; rank-specific streams afterwards (DINOv2: seed + rank).
+    distributed.fix_random_seeds(cfg.train.seed)
+    model = SSLMetaArch(cfg)
+    model.prepare_for_distributed_training(distributed.get_device())
+    distributed.fix_random_seeds(distributed.seed_for_rank(cfg.train.seed))
+    try:
+        return do_train(cfg, model, resume=not args.no_resume)
+    finally:
+        distributed.disable()
