@@ -5,6 +5,7 @@ import logging
 import math
 import os
 import random
+import sys
 import tempfile
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
@@ -191,3 +192,14 @@ def write_report(
         md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     atomic_write_text(md_path, md)
     return {"json": json_path, "md": md_path}
+
+
+def pyplot():
+    """Return ``matplotlib.pyplot`` on the non-interactive Agg backend (safe on headless cluster nodes)."""
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
