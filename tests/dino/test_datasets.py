@@ -1,0 +1,165 @@
+"""Training image datasets: a robust image folder and the synthetic H&E dataset."""
+import logging
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dino.data.datasets as datasets
+from dino.data.datasets import ImageFolderDataset, SyntheticDataset
+from dino.data.datasets import folder as folder_mod
+
+
+@pytest.fixture(autouse=True)
+def _private_listing_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MVHYBRID_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _png_bytes(tmp_path, name="src.png"):
+    p = tmp_path / name
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(p)
+    return p.read_bytes()
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    """Readable images in odd modes, plus a zero-byte, a truncated and a garbage file."""
+    root = tmp_path / "patches"
+    root.mkdir()
+    Image.fromarray(np.full((16, 16, 3), (200, 100, 150), np.uint8)).save(root / "a_rgb.png")
+    Image.fromarray(np.full((16, 16), 77, np.uint8)).save(root / "b_gray.png")
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[:8] = (10, 20, 30, 255)  # top half opaque, bottom half transparent
+    Image.fromarray(rgba).save(root / "c_rgba.png")
+    (root / "d_zero.png").write_bytes(b"")
+    Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(root / "e_gray16.png")
+    png = _png_bytes(tmp_path)
+    (root / "f_truncated.png").write_bytes(png[: len(png) // 2])
+    (root / "g_garbage.jpg").write_bytes(os.urandom(300))
+    Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)).convert("P").save(root / "h_palette.png")
+    (root / "notes.txt").write_text("not an image")
+    (root / ".hidden.png").write_bytes(png)
+    return root
+
+
+def test_folder_skips_and_counts_bad_files_and_converts_modes(messy_folder, caplog):
+    ds = ImageFolderDataset(messy_folder)
+    names = [os.path.basename(ds.path(i)) for i in range(len(ds))]
+    assert names == ["a_rgb.png", "b_gray.png", "c_rgba.png", "d_zero.png", "e_gray16.png",
+                     "f_truncated.png", "g_garbage.jpg", "h_palette.png"]  # sorted; .txt and hidden ignored
+    assert ds.classes == [] and ds.num_skipped == 0
+    with caplog.at_level(logging.WARNING, logger="dino"):
+        items = [ds[i] for i in range(len(ds))]
+        items_again = [ds[i] for i in range(len(ds))]
+    assert ds.num_skipped == 3
+    assert sorted(os.path.basename(p) for p in ds.skipped_paths) == ["d_zero.png", "f_truncated.png", "g_garbage.jpg"]
+    warned = [r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage()]
+    assert len(warned) == 3 and any("f_truncated.png" in w for w in warned)  # once per file
+    for img, target in items:
+        assert isinstance(img, Image.Image) and img.mode == "RGB" and img.size == (16, 16) and target == 0
+    arr = [np.asarray(img) for img, _ in items]
+    # A bad file is replaced, deterministically, by the next readable one.
+    np.testing.assert_array_equal(arr[3], arr[4])
+    np.testing.assert_array_equal(arr[5], arr[7])
+    np.testing.assert_array_equal(arr[6], arr[7])
+    for (a, _), (b, _) in zip(items, items_again):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (arr[1] == 77).all()                                  # greyscale -> RGB
+    assert (arr[2][:8] == (10, 20, 30)).all() and (arr[2][8:] == 255).all()  # alpha -> white glass
+    assert (np.abs(arr[4].astype(int) - 128) <= 1).all()         # 16-bit rescaled, not clipped to 255
+    assert arr[7].shape == (16, 16, 3) and arr[7][0, 1, 0] != arr[7][0, 0, 0]  # palette expanded
+
+
+def test_folder_applies_transforms(messy_folder):
+    ds = ImageFolderDataset(messy_folder, transform=lambda im: np.asarray(im).shape,
+                            target_transform=lambda t: t + 10, extensions="png")
+    assert len(ds) == 7  # the .jpg is excluded by extension
+    assert ds[0] == ((16, 16, 3), 10)
+
+
+def test_folder_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ImageFolderDataset(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.md").write_text("x")
+    with pytest.raises(ValueError, match="no images"):
+        ImageFolderDataset(tmp_path / "empty")
+    bad = tmp_path / "allbad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"{i}.png").write_bytes(b"")
+    ds = ImageFolderDataset(bad)
+    with pytest.raises(RuntimeError, match="consecutive unreadable"):
+        ds[0]
+    with pytest.raises(IndexError):
+        ds[3]
+
+
+def test_folder_class_subfolders_and_recursion(tmp_path):
+    root = tmp_path / "data"
+    for cls, n in (("TUM", 2), ("ADI", 1), ("LYM/nested", 2)):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / cls / f"{i}.png")
+    ds = ImageFolderDataset(root)
+    assert ds.classes == ["ADI", "LYM", "TUM"]
+    assert [ds[i][1] for i in range(len(ds))] == [0, 1, 1, 2, 2]
+    assert ds.path(1).endswith("LYM/nested/0.png")
+    with pytest.raises(ValueError, match="no images"):
+        ImageFolderDataset(root, recursive=False)
+
+
+def test_folder_listing_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
+    root = tmp_path / "flat"
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / f"{i}.png")
+    assert len(ImageFolderDataset(root)) == 3
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 1
+
+    real_scan = folder_mod._scan
+    monkeypatch.setattr(folder_mod, "_scan", lambda *a: pytest.fail("listing not reused"))
+    assert len(ImageFolderDataset(root)) == 3
+
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "3.png")
+    st = os.stat(root)
+    os.utime(root, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # coarse-mtime filesystems
+    calls = []
+    monkeypatch.setattr(folder_mod, "_scan", lambda *a: calls.append(1) or real_scan(*a))
+    assert len(ImageFolderDataset(root)) == 4 and calls == [1]
+    assert len(ImageFolderDataset(root, cache_listing=False)) == 4 and calls == [1, 1]
+
+
+def test_synthetic_dataset_is_deterministic_and_balanced():
+    ds = SyntheticDataset(length=12, seed=3, image_size=32, n_studies=2)
+    assert len(ds) == 12 and ds.classes[0] == "TUMOR"
+    img, label = ds[4]
+    assert isinstance(img, Image.Image) and img.mode == "RGB" and img.size == (32, 32)
+    assert [ds[i][1] for i in range(12)] == [i % 6 for i in range(12)]
+    again = SyntheticDataset(length=12, seed=3, image_size=32, n_studies=2)[4][0]
+    assert np.asarray(img).tobytes() == np.asarray(again).tobytes()
+    other = SyntheticDataset(length=12, seed=4, image_size=32, n_studies=2)[4][0]
+    assert np.asarray(img).tobytes() != np.asarray(other).tobytes()
+    t = SyntheticDataset(length=2, image_size=32, transform=lambda im: im.size, target_transform=str)
+    assert t[1] == ((32, 32), "1")
+    with pytest.raises(IndexError):
+        ds[12]
+    with pytest.raises(ValueError, match="length"):
+        SyntheticDataset(length=0)
+
+
+def test_package_exports_and_lazy_wsi():
+    assert datasets.ImageFolderDataset is ImageFolderDataset and datasets.SyntheticDataset is SyntheticDataset
+    assert "WSICoordsDataset" in datasets.__all__
+    with pytest.raises(AttributeError, match="NoSuchDataset"):
+        datasets.NoSuchDataset
+
+
+def test_dataset_strings_reach_these_classes(messy_folder):
+    from dino.data.loaders import make_dataset
+
+    syn = make_dataset("Synthetic:length=5:seed=1:image_size=32")
+    assert isinstance(syn, SyntheticDataset) and len(syn) == 5 and syn[0][0].size == (32, 32)
+    fold = make_dataset(f"Folder:root={messy_folder}:extensions=png:recursive=false")
+    assert isinstance(fold, ImageFolderDataset) and len(fold) == 7
