@@ -1,0 +1,137 @@
+"""DINOv2 multi-crop augmentation, with the MV_Hybrid paper's H&E settings as arguments.
+
+Randomness comes from torch's global RNG only (torchvision v1 transforms draw every
+parameter with ``torch.rand``/``torch.randint``), so seeding torch reproduces the crops.
+"""
+
+import logging
+
+from PIL import Image
+from torchvision import transforms
+
+logger = logging.getLogger("dinov2")
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+# H&E statistics used by the MV_Hybrid release (Lunit's values, rounded to 4 digits).
+HE_MEAN = (0.7032, 0.5361, 0.6610)
+HE_STD = (0.2172, 0.2608, 0.2072)
+
+
+class GaussianBlur(transforms.RandomApply):
+    """Gaussian blur (kernel 9, sigma uniform in [radius_min, radius_max]) applied with probability ``p``.
+
+    Unlike DINOv2's class of the same name, ``p`` is the probability of blurring (DINOv2
+    passes ``1 - p`` to ``RandomApply``, which inverts it; see DataAugmentationDINO).
+    """
+
+    def __init__(self, *, p=0.5, radius_min=0.1, radius_max=2.0):
+        blur = transforms.GaussianBlur(kernel_size=9, sigma=(radius_min, radius_max))
+        super().__init__(transforms=[blur], p=p)
+
+
+class DataAugmentationDINO:
+    """Two global crops and ``local_crops_number`` local crops of one PIL image.
+
+    Each crop: RandomResizedCrop (bicubic) + horizontal flip (p=0.5), then ColorJitter with
+    probability 0.8 and grayscale with probability 0.2, then a Gaussian blur, then
+    ToTensor + Normalize(mean, std). The second global crop may also be solarised
+    (threshold 128, p=0.2) when ``solarization`` is on.
+
+    Blur probabilities are the *effective* ones. DINOv2 and the MV_Hybrid release write
+    GaussianBlur(p=1.0 / 0.1 / 0.5) for global 1 / global 2 / local crops, but their
+    GaussianBlur inverts p, so what they actually train with is 0.0 / 0.9 / 0.5: the
+    defaults here reproduce that.
+
+    DINOv2 defaults: color_jitter (0.4, 0.4, 0.2, 0.1), solarization on, ImageNet
+    mean/std. The MV_Hybrid paper: color_jitter (0.2, 0.2, 0.2, 0.1), solarization off,
+    ``HE_MEAN``/``HE_STD``, 256 px global and 112 px local crops.
+
+    Returns a dict: ``global_crops`` [2 tensors], ``global_crops_teacher`` (the same 2),
+    ``local_crops`` [local_crops_number tensors], ``offsets`` ().
+    """
+
+    def __init__(
+        self,
+        global_crops_scale,
+        local_crops_scale,
+        local_crops_number,
+        global_crops_size=224,
+        local_crops_size=96,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        solarization=True,
+        color_jitter=(0.4, 0.4, 0.2, 0.1),
+        global1_blur_p=0.0,
+        global2_blur_p=0.9,
+        local_blur_p=0.5,
+    ):
+        if len(color_jitter) != 4:
+            raise ValueError(f"color_jitter must be (brightness, contrast, saturation, hue), got {color_jitter!r}")
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std need 3 (RGB) values, got mean={mean!r} std={std!r}")
+        for key, p in (("global1_blur_p", global1_blur_p), ("global2_blur_p", global2_blur_p), ("local_blur_p", local_blur_p)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{key} must be a probability in [0, 1], got {p}")
+        self.global_crops_scale = tuple(global_crops_scale)
+        self.local_crops_scale = tuple(local_crops_scale)
+        self.local_crops_number = local_crops_number
+        self.global_crops_size = global_crops_size
+        self.local_crops_size = local_crops_size
+        logger.info(
+            "DataAugmentationDINO: global %s px scale %s, %d local %s px scale %s, jitter %s, "
+            "blur p (global1, global2, local) = (%s, %s, %s), solarization %s, mean %s std %s",
+            global_crops_size, self.global_crops_scale, local_crops_number, local_crops_size,
+            self.local_crops_scale, tuple(color_jitter), global1_blur_p, global2_blur_p, local_blur_p,
+            solarization, tuple(mean), tuple(std),
+        )
+
+        def geometric(size, scale):
+            return transforms.Compose(
+                [
+                    transforms.RandomResizedCrop(size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
+                    transforms.RandomHorizontalFlip(p=0.5),
+                ]
+            )
+
+        self.geometric_augmentation_global = geometric(global_crops_size, self.global_crops_scale)
+        self.geometric_augmentation_local = geometric(local_crops_size, self.local_crops_scale)
+
+        brightness, contrast, saturation, hue = color_jitter
+        color_jittering = transforms.Compose(
+            [
+                transforms.RandomApply(
+                    [transforms.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)],
+                    p=0.8,
+                ),
+                transforms.RandomGrayscale(p=0.2),
+            ]
+        )
+        global2_extra = [GaussianBlur(p=global2_blur_p)]
+        if solarization:
+            global2_extra.append(transforms.RandomSolarize(threshold=128, p=0.2))
+        self.normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean=mean, std=std)])
+
+        self.global_transfo1 = transforms.Compose([color_jittering, GaussianBlur(p=global1_blur_p), self.normalize])
+        self.global_transfo2 = transforms.Compose([color_jittering, *global2_extra, self.normalize])
+        self.local_transfo = transforms.Compose([color_jittering, GaussianBlur(p=local_blur_p), self.normalize])
+
+    def __call__(self, image):
+        """PIL image (any mode; converted to RGB) -> dict of crops."""
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"DataAugmentationDINO expects a PIL.Image.Image, got {type(image).__name__}")
+        if image.mode != "RGB":
+            image = image.convert("RGB")  # grayscale, palette, RGBA (alpha dropped), 16-bit ...
+
+        global_crop_1 = self.global_transfo1(self.geometric_augmentation_global(image))
+        global_crop_2 = self.global_transfo2(self.geometric_augmentation_global(image))
+        local_crops = [
+            self.local_transfo(self.geometric_augmentation_local(image)) for _ in range(self.local_crops_number)
+        ]
+        return {
+            "global_crops": [global_crop_1, global_crop_2],
+            # the teacher sees the same two global crops
+            "global_crops_teacher": [global_crop_1, global_crop_2],
+            "local_crops": local_crops,
+            "offsets": (),
+        }
