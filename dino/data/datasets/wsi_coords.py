@@ -12,13 +12,14 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+from torch.utils.data import Dataset
 
 from dino.data.wsi.patching import level_downsample, open_slide, read_coords_h5, read_patch
 
 DEFAULT_SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn")
 
 
-class WSICoordsDataset:
+class WSICoordsDataset(Dataset):
     """Patches of whole-slide images listed in CLAM coords files; items are ``(PIL image, 0)``.
 
     Args:

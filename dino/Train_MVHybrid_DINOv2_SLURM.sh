@@ -1,0 +1,79 @@
+#!/bin/bash
+# DINOv2 pretraining on SLURM, as in the paper: 3 nodes x 8 GPUs, one task per GPU (FSDP).
+#
+#   mkdir -p logs
+#   DATASET_PATH="WSICoords:slides=/data/slides:coords=/data/patches/coords" \
+#   OUTPUT_DIR=/scratch/$USER/mv_hybrid sbatch dino/Train_MVHybrid_DINOv2_SLURM.sh [key=value ...]
+#
+# Submit from the repository root. Environment variables:
+#   DATASET_PATH  (required) dataset string for train.dataset_path, e.g. Folder:root=/data/pngs
+#   OUTPUT_DIR    (required) checkpoints and logs; a requeued job resumes from here
+#   CONFIG        experiment yaml (default configs/train/mv_hybrid.yaml)
+#   PYTHON        interpreter with the package installed (default: python on PATH)
+#   REPO_DIR      repository root (default: the directory sbatch was called from)
+# Arguments to this script are passed to the trainer as extra key=value overrides.
+# Rank, world size and the master address come from SLURM's variables (dino/distributed).
+#
+# Time limit / preemption: SLURM signals this shell with USR1 120 s before the end
+# (--signal=B:USR1@120). The shell forwards USR1 to the training tasks through srun, waits
+# while the trainer writes its checkpoint and exits, then requeues the job (--requeue).
+# The per-backbone scripts in scripts/slurm/ set CONFIG and run this file.
+#SBATCH --job-name=mvhybrid-dinov2
+#SBATCH --nodes=3
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=10
+#SBATCH --time=48:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@120
+#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --error=logs/%x-%j.err
+
+set -uo pipefail
+
+die() {
+    echo "Train_MVHybrid_DINOv2_SLURM.sh: error: $*" >&2
+    exit 2
+}
+
+[[ -n "${DATASET_PATH:-}" ]] || die "DATASET_PATH is not set; e.g. DATASET_PATH='WSICoords:slides=/data/slides:coords=/data/patches/coords' or 'Folder:root=/data/pngs'"
+[[ -n "${OUTPUT_DIR:-}" ]] || die "OUTPUT_DIR is not set; it holds the checkpoints a requeued job resumes from"
+CONFIG="${CONFIG:-configs/train/mv_hybrid.yaml}"
+REPO_DIR="${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}"
+PYTHON="${PYTHON:-python}"
+
+cd "$REPO_DIR" || die "cannot cd to REPO_DIR=$REPO_DIR"
+[[ -f "$CONFIG" ]] || die "config file not found: $CONFIG (relative to $REPO_DIR; set CONFIG or REPO_DIR)"
+mkdir -p "$OUTPUT_DIR" || die "cannot create OUTPUT_DIR=$OUTPUT_DIR"
+# One data-loading thread pool per task, sized to the task's CPUs.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+
+echo "$(date -Is) job ${SLURM_JOB_ID:-local} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-$(hostname)}: $CONFIG -> $OUTPUT_DIR"
+
+SRUN_PID=""
+checkpoint_and_requeue() {
+    echo "$(date -Is) caught USR1: asking the trainer to checkpoint, then requeueing"
+    if [[ -n "$SRUN_PID" ]]; then
+        kill -USR1 "$SRUN_PID" 2>/dev/null  # srun relays the signal to every task
+        wait "$SRUN_PID"                    # the trainer saves its checkpoint and exits
+        echo "$(date -Is) trainer exited with status $?"
+    fi
+    if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+        scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed"
+    fi
+    exit 0
+}
+trap checkpoint_and_requeue USR1
+
+# In the background so that the shell can run its USR1 trap while the job step is running.
+srun --kill-on-bad-exit=1 "$PYTHON" -m dino.train \
+    --config-file "$CONFIG" \
+    --output-dir "$OUTPUT_DIR" \
+    "train.dataset_path=$DATASET_PATH" \
+    "$@" &
+SRUN_PID=$!
+wait "$SRUN_PID"
+status=$?
+echo "$(date -Is) training finished with status $status"
+exit "$status"
