@@ -70,7 +70,8 @@ class DataAugmentationDINO:
             raise ValueError(f"color_jitter must be (brightness, contrast, saturation, hue), got {color_jitter!r}")
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std need 3 (RGB) values, got mean={mean!r} std={std!r}")
-        for key, p in (("global1_blur_p", global1_blur_p), ("global2_blur_p", global2_blur_p), ("local_blur_p", local_blur_p)):
+        blur_ps = {"global1_blur_p": global1_blur_p, "global2_blur_p": global2_blur_p, "local_blur_p": local_blur_p}
+        for key, p in blur_ps.items():
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{key} must be a probability in [0, 1], got {p}")
         self.global_crops_scale = tuple(global_crops_scale)

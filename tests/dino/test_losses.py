@@ -209,9 +209,9 @@ def test_gloo_two_ranks_match_single_process(tmp_path):
     tokens = torch.randn(7, 6)
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.start_processes(
-            _gloo_worker, args=(2, str(tmp_path / "init"), logits, tokens, results), nprocs=2, join=True, start_method="fork"
-        )
+        # fork, not spawn: children need no fresh torch import (seconds instead of tens)
+        args = (2, str(tmp_path / "init"), logits, tokens, results)
+        mp.start_processes(_gloo_worker, args=args, nprocs=2, join=True, start_method="fork")
         results = dict(results)
 
     ref = DINOLoss(out_dim=6)

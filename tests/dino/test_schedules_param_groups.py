@@ -39,7 +39,9 @@ def test_cosine_scheduler_freeze_and_writable_schedule():
 
 def test_teacher_temperature_dinov2_construction_is_warmup_then_constant():
     warmup = 30 * 4  # 30 "epochs" of 4 iterations
-    temp = CosineScheduler(base_value=0.06, final_value=0.06, total_iters=warmup, warmup_iters=warmup, start_warmup_value=0.04)
+    temp = CosineScheduler(
+        base_value=0.06, final_value=0.06, total_iters=warmup, warmup_iters=warmup, start_warmup_value=0.04
+    )
     assert temp[0] == pytest.approx(0.04)
     assert temp[warmup // 2] == pytest.approx(0.04 + 0.02 * (warmup // 2) / (warmup - 1))
     assert temp[warmup - 1] == pytest.approx(0.06)
