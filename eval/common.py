@@ -91,7 +91,7 @@ def _encode(values: np.ndarray) -> np.ndarray:
     return arr
 
 
-def save_features_h5(path: str, features: np.ndarray, **datasets: Any) -> str:
+def save_features_h5(path: str, features: np.ndarray, /, **datasets: Any) -> str:
     """Write ``features`` (N,D) float32 and extra datasets (coords, barcode, label, path...) atomically.
 
     Every extra dataset must have N rows; strings are stored as utf-8.

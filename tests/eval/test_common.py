@@ -61,3 +61,10 @@ def test_common_args_and_seed():
     x = np.random.rand(3)
     common.set_seed(1)
     np.testing.assert_array_equal(x, np.random.rand(3))
+
+
+def test_save_accepts_a_dataset_named_path(tmp_path):
+    out = str(tmp_path / "f.h5")
+    common.save_features_h5(out, np.zeros((2, 3)), path=np.array(["a.png", "b.png"]), label=np.array([0, 1]))
+    d = common.load_features_h5(out)
+    assert list(d["path"]) == ["a.png", "b.png"] and list(d["label"]) == [0, 1]
