@@ -177,3 +177,24 @@ def test_cli_with_png_export_and_target_mpp(slide_dir, tmp_path):
     img = np.asarray(Image.open(out / "patches" / "case_a" / f"case_a_x{x}_y{y}.png"))
     expected = rgb[y:y + 256, x:x + 256].astype(np.float64).reshape(128, 2, 128, 2, 3).mean(axis=(1, 3))
     assert img.shape == (128, 128, 3) and np.abs(img - expected).max() <= 1.0
+
+
+def test_patching_a_synthetic_he_slide(tmp_path):
+    """The project's synthetic H&E slide (tissue fragments on glass, 0.5 um/px) as a pyramidal TIFF."""
+    from dino.data.synthetic_tissue import SyntheticTissue
+
+    slide = SyntheticTissue(seed=0, image_size=128).slide_image(1024, index=0)
+    path = write_pyramidal_tiff(tmp_path / "slides" / "synthetic_0.tif", slide.image, mpp=slide.mpp, tile=128, n_levels=3)
+    # A 0.5 mm slide: CLAM's reference patch (512 px) would make every fragment "too small".
+    cfg = PatchingConfig(patch_size=128, seg=SegmentationParams(ref_patch_size=128))
+    result = process_slides([path], tmp_path / "out", cfg, progress=False)[0]
+    assert result.status == "done", result.error
+    coords, attrs = read_coords_h5(tmp_path / "out" / "coords" / "synthetic_0.h5")
+    assert attrs["mpp"] == pytest.approx(slide.mpp)
+    fracs = np.array([cell_fraction(slide.tissue_mask, x, y, 128) for x, y in coords])
+    assert (fracs > 0).mean() > 0.9, "kept patches overlap tissue"
+    assert fracs.min() > 0, "no patch lies entirely on the glass"
+    cells = [(x, y) for y in range(0, 1024, 128) for x in range(0, 1024, 128)
+             if cell_fraction(slide.tissue_mask, x, y, 128) >= 0.8]
+    kept = {tuple(c) for c in coords.tolist()}
+    assert len(cells) > 5 and sum(c in kept for c in cells) / len(cells) >= 0.8, "the tissue is kept"
