@@ -274,12 +274,18 @@ class _Canvas:
     def add_nuclei(self, x, y, a, b, theta, intensity, rim, counted: bool = True, keep_in_lumen=False):
         x, y, a, b, theta, intensity, rim = np.broadcast_arrays(
             *(np.asarray(v, np.float64) for v in (x, y, a, b, theta, intensity, rim)))
-        keep = np.ones(x.shape, bool)
-        for g in self.glands:  # nothing cellular floats inside a lumen
-            if not keep_in_lumen:
-                keep &= g.rho(x, y) >= g.inner
-        rows = np.stack([x, y, a, b, theta, intensity, rim, np.full(x.shape, float(counted))])
-        self._nuclei.append(rows[:, keep])
+        flags = float(counted) + 2.0 * float(keep_in_lumen)
+        self._nuclei.append(np.stack([x, y, a, b, theta, intensity, rim, np.full(x.shape, flags)]))
+
+    def _cull_lumen_nuclei(self, nuc: np.ndarray) -> np.ndarray:
+        """Drop cells whose centre lies in any gland lumen (debris is flagged to stay)."""
+        keep = nuc[7] >= 2.0
+        free = ~keep
+        for g in self.glands:
+            free[free] = g.rho(nuc[0, free], nuc[1, free]) >= g.inner
+        nuc = nuc[:, keep | free]
+        nuc[7] %= 2.0
+        return nuc
 
     def add_vacuoles(self, x, y, a, b, theta, strength):
         x, y, a, b, theta, strength = np.broadcast_arrays(
@@ -323,7 +329,7 @@ class _Canvas:
             tmp = np.zeros((S, S), np.float32)
             self._splat(rows, tmp, vac)
             self.white = np.maximum(self.white, tmp)
-        nuc = np.concatenate(self._nuclei, axis=1) if self._nuclei else np.zeros((8, 0))
+        nuc = self._cull_lumen_nuclei(np.concatenate(self._nuclei, axis=1) if self._nuclei else np.zeros((8, 0)))
         n_val = np.zeros((S, S), np.float32)
         n_alpha = np.zeros((S, S), np.float32)
         self._splat(nuc, n_val, n_alpha)

@@ -1,6 +1,7 @@
 """Training image datasets: a robust image folder and the synthetic H&E dataset."""
 import logging
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -163,3 +164,98 @@ def test_dataset_strings_reach_these_classes(messy_folder):
     assert isinstance(syn, SyntheticDataset) and len(syn) == 5 and syn[0][0].size == (32, 32)
     fold = make_dataset(f"Folder:root={messy_folder}:extensions=png:recursive=false")
     assert isinstance(fold, ImageFolderDataset) and len(fold) == 7
+
+
+# ------------------------------------------------------------------------- scripts/make_demo_data.py
+def _load_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "make_demo_data.py"
+    spec = importlib.util.spec_from_file_location("make_demo_data", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["make_demo_data"] = mod  # so its worker function pickles by reference
+    spec.loader.exec_module(mod)
+    return mod
+
+
+TINY = dict(n_per_class=5, samples_per_study=2, spots_per_sample=9, n_genes=60, n_informative=12,
+            n_slides=4, patches_per_slide=3)
+
+
+def test_make_demo_data_writes_standard_layouts(tmp_path):
+    import json
+
+    import anndata
+    import h5py
+    import pandas as pd
+
+    from dino.data.synthetic_tissue import CLASS_NAMES
+
+    mdd = _load_script()
+    out = tmp_path / "demo"
+    summary = mdd.make_demo_data(out, image_size=32, seed=0, n_studies=2, workers=1, **TINY)
+    assert [s["skipped"] for s in summary] == [False, False, False]
+    assert sorted(p.name for p in out.iterdir()) == ["classification", "hest", "slides"]  # no temp folders left
+
+    # Classification: PNGs + labels.csv, stratified split, readable as a class-folder dataset.
+    labels = pd.read_csv(out / "classification" / "labels.csv")
+    assert list(labels.columns) == ["path", "label", "study", "split"] and len(labels) == 5 * 6
+    assert (labels.groupby("label")["split"].nunique() == 3).all()
+    assert all((out / "classification" / p).is_file() for p in labels["path"])
+    folder = ImageFolderDataset(out / "classification" / "images")
+    assert folder.classes == sorted(CLASS_NAMES) and len(folder) == 30 and folder[0][0].size == (32, 32)
+
+    # HEST layout: h5 barcodes line up with AnnData obs_names; leave-sample-out splits.
+    hest = out / "hest"
+    meta = pd.read_csv(hest / "meta.csv")
+    assert list(meta.columns) == ["sample_id", "study"] and len(meta) == 4 and meta["study"].nunique() == 2
+    var50 = json.loads((hest / "var_50genes.json").read_text())["genes"]
+    truth = json.loads((hest / "ground_truth.json").read_text())
+    assert len(var50) == 50 and len(truth["informative_genes"]) == 12 and truth["batch_strength"] == 0.3
+    for sid, study in zip(meta["sample_id"], meta["study"]):
+        with h5py.File(hest / "patches" / f"{sid}.h5", "r") as f:
+            img, barcode, coords = f["img"][:], f["barcode"][:], f["coords"][:]
+        assert img.shape == (9, 32, 32, 3) and img.dtype == np.uint8 and coords.shape == (9, 2)
+        ad = anndata.read_h5ad(hest / "adata" / f"{sid}.h5ad")
+        assert list(ad.obs_names) == [b.decode() for b in barcode]
+        assert (ad.obs["study"] == study).all() and (ad.obs["sample_id"] == sid).all()
+        assert set(var50) <= set(ad.var_names) and ad.n_vars == 60
+        x = np.asarray(ad.X)
+        assert (x >= 0).all() and (x == np.round(x)).all()  # raw counts
+    tests = []
+    for k in range(2):
+        train = pd.read_csv(hest / "splits" / f"train_{k}.csv")
+        test = pd.read_csv(hest / "splits" / f"test_{k}.csv")
+        assert list(test.columns) == ["sample_id", "patches_path", "expr_path"]
+        assert not set(train["sample_id"]) & set(test["sample_id"]) and len(train) + len(test) == 4
+        assert all((hest / p).is_file() for p in [*test["patches_path"], *test["expr_path"]])
+        tests += list(test["sample_id"])
+    assert sorted(tests) == sorted(meta["sample_id"])  # every sample is tested exactly once
+
+    # Slides: one bag per slide plus the clinical table.
+    clinical = pd.read_csv(out / "slides" / "clinical.csv")
+    assert list(clinical.columns) == ["slide_id", "patient_id", "time", "event", "label", "study", "risk"]
+    assert set(clinical["label"]) <= {"MSI", "MSS"} and set(clinical["event"]) <= {0, 1}
+    with h5py.File(out / "slides" / "patches" / f"{clinical['slide_id'][0]}.h5", "r") as f:
+        assert f["img"].shape == (3, 32, 32, 3) and f["barcode"].shape == (3,) and f["coords"].shape == (3, 2)
+
+    # Rerun: complete parts are skipped; changed parameters need force.
+    again = mdd.make_demo_data(out, image_size=32, seed=0, n_studies=2, workers=1, **TINY)
+    assert [s["skipped"] for s in again] == [True, True, True]
+    with pytest.raises(FileExistsError, match="force"):
+        mdd.make_demo_data(out, image_size=32, seed=1, n_studies=2, workers=1, parts=("slides",), **TINY)
+    redo = mdd.make_demo_data(out, image_size=32, seed=1, n_studies=2, workers=1, parts=("slides",), force=True, **TINY)
+    assert redo[0]["skipped"] is False
+
+
+def test_make_demo_data_output_does_not_depend_on_workers():
+    from dino.data.synthetic_tissue import SyntheticTissue
+
+    mdd = _load_script()
+    gen = SyntheticTissue(seed=0, image_size=16)
+    jobs = [("patch", i, None, None) for i in range(64)]
+    one, two = mdd._render(gen, jobs, workers=1), mdd._render(gen, jobs, workers=2)
+    assert all(a.image.tobytes() == b.image.tobytes() for a, b in zip(one, two))
+    with pytest.raises(ValueError, match="unknown part"):
+        mdd.make_demo_data("/nonexistent", parts=("wsi",))
