@@ -412,14 +412,18 @@ def _scatter_lymphocytes(c: _Canvas, rng, n: int, counted=True):
                  rng.uniform(1.0, 1.25, n), 0.05, counted)
 
 
-def _place_glands(rng, count: int, r_lo: float, r_hi: float, min_gap: float, tries: int = 60):
+def _place_glands(rng, count: int, r_lo: float, r_hi: float, min_gap: float, tries: int = 60,
+                  central_first: bool = False):
     """Rejection-sample gland centres and radii so rings overlap little."""
     placed: list[tuple[float, float, float]] = []
-    for _ in range(tries):
+    for t in range(tries):
         if len(placed) == count:
             break
         r = rng.uniform(r_lo, r_hi)
-        x, y = rng.uniform(-0.3 * r, REF_SIZE + 0.3 * r, 2)
+        if central_first and t == 0:  # guarantees the class-defining structure is in the field
+            x, y = rng.uniform(0.3 * REF_SIZE, 0.7 * REF_SIZE, 2)
+        else:
+            x, y = rng.uniform(-0.3 * r, REF_SIZE + 0.3 * r, 2)
         if all(math.hypot(x - px, y - py) > r + pr + min_gap for px, py, pr in placed):
             placed.append((x, y, r))
     return placed
@@ -544,7 +548,8 @@ def _normal_mucosa(c: _Canvas, rng, grade: float):
 def _tumor(c: _Canvas, rng, grade: float):
     # Desmoplastic stroma between crowded, irregular, back-to-back glands.
     _paint_stroma(c, rng, 0.0, base=0.3, nuclei=int(rng.integers(3, 10)))
-    for cx, cy, r in _place_glands(rng, int(rng.integers(2, 5)), 45, 90, min_gap=rng.uniform(-6, 8)):
+    for cx, cy, r in _place_glands(rng, int(rng.integers(3, 7)), 40, 75, min_gap=rng.uniform(-12, 4), tries=120,
+                                   central_first=True):
         g = _Gland(cx, cy, r * rng.uniform(0.7, 1.3), r * rng.uniform(0.7, 1.3), rng.uniform(0, math.pi),
                    thickness=rng.uniform(20, 36) * (0.8 + 0.5 * grade),
                    amp=rng.normal(0, 0.05 + 0.07 * grade, 4), phase=rng.uniform(0, 6.3, 4))
