@@ -323,12 +323,17 @@ def main(argv=None) -> Dict:
             LOG.warning("prototype retrieval without a database split uses the queries as support (optimistic)")
         proto = prototype_retrieval(Xq, yq, sup_X, sup_y)
         results["prototype"] = {k: v for k, v in proto.items() if k not in ("predictions", "similarities", "classes")}
-        rows.append({"method": "prototype", "accuracy": proto["accuracy"], "balanced acc": proto["balanced_accuracy"],
-                     "macro F1": proto["macro_f1"], "mean per-class AP": proto["mean_ap"]})
+        proto_row = {"method": "prototype", "accuracy": proto["accuracy"], "balanced acc": proto["balanced_accuracy"],
+                     "macro F1": proto["macro_f1"], "mean per-class AP": proto["mean_ap"]}
     os.makedirs(args.out_dir, exist_ok=True)
     results["plots"] = [_plot(knn, proto, os.path.join(args.out_dir, "retrieval.png"))]
     notes = ["Majority-vote ties go to the tied label nearest in the ranking.",
              "mAP@k divides by min(k, #relevant database items) (= Patho-Bench's /k when every class has >= k items)."]
+    if proto is not None:
+        if rows:  # one table per report: the prototype summary goes under the kNN table
+            notes.insert(0, "Prototype retrieval: " + ", ".join(f"{k} {v:.4f}" for k, v in proto_row.items() if k != "method"))
+        else:
+            rows.append(proto_row)
     write_report(args.out_dir, "retrieval", results, rows, title=f"Patch retrieval ({args.metric})", notes=notes)
     return results
 

@@ -254,7 +254,8 @@ def main(argv=None) -> Dict:
                           "cluster_sizes": np.bincount(g["labels"]).tolist(),
                           "assignments": dict(zip(df["slide_id"], g["labels"].tolist()))}
         results["plots"].append(km)
-        rows.append({"analysis": f"GMM k={g['n_components']} (mean pool)", "metric": "log-rank p", "value": lr["p_value"]})
+        rows.append({"analysis": f"GMM k={g['n_components']} (mean pool)", "metric": "multivariate log-rank p",
+                     "value": f"{lr['p_value']:.3g}"})
         notes.append("GMM on mean-pooled embeddings (StandardScaler, PCA) — unsupervised; k by BIC unless fixed.")
 
     if "coxnet" in args.analyses:

@@ -72,9 +72,11 @@ def _plot(curves: Dict[str, np.ndarray], layers: List[Dict], path: str, cutoff: 
     for r in layers:
         groups.setdefault(r["source"], []).append(r["low_freq_energy"])
     width = 0.8 / max(1, len(groups))
+    n_layers = max(len(v) for v in groups.values())
     for j, (src, vals) in enumerate(groups.items()):
         axes[1].bar(np.arange(len(vals)) + j * width, vals, width, label=src)
-    axes[1].set(xlabel="SSM layer", ylabel=f"energy fraction below {cutoff:.0%} of band", ylim=(0, 1),
+    axes[1].set_xticks(np.arange(n_layers) + width * (len(groups) - 1) / 2, [str(i) for i in range(n_layers)])
+    axes[1].set(xlabel="SSM layer (in module order)", ylabel=f"energy fraction below {cutoff:.0%} of band", ylim=(0, 1),
                 title="low-frequency energy per layer")
     axes[1].legend(fontsize=7)
     fig.tight_layout()

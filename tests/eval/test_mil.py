@@ -9,6 +9,17 @@ from eval.abmil import ABMILConfig, GatedABMIL, class_weights, cox_ph_loss, pred
 from eval.common import load_features_h5, save_features_h5
 from eval.mil import BagStore, main, run_mil_cv
 
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Thousands of tiny optimiser steps: intra-op threads only add contention on a shared 2-core box."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 TINY = ABMILConfig(hidden=16, dropout=0.0, epochs=10, lr=1e-2, bag_size=64)
 
 
