@@ -111,7 +111,7 @@ def train_abmil(
     times: Optional[np.ndarray] = None,
     events: Optional[np.ndarray] = None,
     n_classes: int = 2,
-    cfg: ABMILConfig = ABMILConfig(),
+    cfg: Optional[ABMILConfig] = None,
     seed: int = 0,
     device: Optional[torch.device] = None,
 ) -> GatedABMIL:
@@ -122,6 +122,7 @@ def train_abmil(
     ``cfg.cox_batch`` bags. ``labels``/``times``/``events`` are indexed by the same ids as ``get_bag``.
     Bags longer than ``cfg.bag_size`` are randomly subsampled at every step.
     """
+    cfg = cfg or ABMILConfig()
     if task not in ("classification", "survival"):
         raise ValueError(f"unknown task {task!r}; use 'classification' or 'survival'")
     indices = np.asarray(list(indices))

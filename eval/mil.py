@@ -9,7 +9,6 @@ Harrell's c-index) per fold and mean ± std, and a ROC plot.
     python -m eval.mil --features-dir feats/ --csv msi.csv --out-dir out/msi
 """
 import argparse
-import logging
 import os
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -159,12 +158,13 @@ def mean_std(values: Sequence[float]) -> Dict[str, float]:
 def run_mil_cv(
     get_bag: Callable[[int], torch.Tensor], n_bags: int, task: str, labels: Optional[np.ndarray] = None, times: Optional[np.ndarray] = None,
     events: Optional[np.ndarray] = None, groups: Optional[np.ndarray] = None, n_classes: int = 2,
-    n_folds: int = 5, cfg: ABMILConfig = ABMILConfig(), seed: int = 0, device: Optional[torch.device] = None,
+    n_folds: int = 5, cfg: Optional[ABMILConfig] = None, seed: int = 0, device: Optional[torch.device] = None,
 ) -> Dict:
     """Patient-grouped K-fold ABMIL over bags ``get_bag(0..n_bags-1)`` (e.g. a :class:`BagStore`).
 
     Returns per-fold metrics with their mean ± std, out-of-fold outputs and per-slide attention.
     """
+    cfg = cfg or ABMILConfig()
     n = n_bags
     in_dim = int(get_bag(0).shape[-1])
     groups = np.arange(n) if groups is None else np.asarray(groups)

@@ -140,3 +140,26 @@ def test_cli_mismatch_and_bad_file_errors(tmp_path):
         BagStore([str(fdir / f"{ids[0]}.h5")])
     with pytest.raises(KeyError, match="label_x"):
         main(["--features-dir", str(fdir), "--csv", str(csv), "--label-col", "label_x", "--out-dir", str(tmp_path / "o")])
+
+
+def test_training_bags_are_subsampled_to_bag_size():
+    from eval.abmil import _subsample
+
+    bag = torch.arange(50, dtype=torch.float32)[:, None].repeat(1, 3)
+    sub = _subsample(bag, 8, torch.Generator().manual_seed(0))
+    assert sub.shape == (8, 3) and len(set(sub[:, 0].tolist())) == 8
+    assert torch.equal(_subsample(bag, 0, torch.Generator()), bag) and torch.equal(_subsample(bag, 64, torch.Generator()), bag)
+
+
+def test_cli_survival_task(tmp_path):
+    rng = np.random.default_rng(0)
+    bags = [torch.tensor(rng.normal(size=(6, 4)), dtype=torch.float32) for _ in range(16)]
+    fdir, csv, ids = _write(tmp_path, bags, np.zeros(16, int), [f"p{i}" for i in range(16)])
+    df = pd.read_csv(csv).assign(time=rng.exponential(size=16), event=np.arange(16) % 2)
+    df.to_csv(csv, index=False)
+    res = main(["--features-dir", str(fdir), "--csv", str(csv), "--task", "survival", "--folds", "2", "--epochs", "1",
+                "--hidden", "8", "--out-dir", str(tmp_path / "o")])
+    assert res["task"] == "survival" and len(res["folds"]) == 2 and 0 <= res["summary"]["c_index"]["mean"] <= 1
+    df.assign(event=0).to_csv(csv, index=False)
+    with pytest.raises(ValueError, match="censored"):
+        main(["--features-dir", str(fdir), "--csv", str(csv), "--task", "survival", "--out-dir", str(tmp_path / "o")])
