@@ -25,7 +25,7 @@ given ``(seed, index)`` shows the same tissue at any resolution.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
@@ -644,6 +644,7 @@ class SyntheticTissue:
         return self._render(_rng(self.seed, _S_PATCH, index), label, study)
 
     def patches(self, indices: Sequence[int]) -> list[SyntheticPatch]:
+        """Render several patches with their default class and study."""
         return [self.patch(i) for i in indices]
 
     def _check_label(self, label: int | str) -> int:
