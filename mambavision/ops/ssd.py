@@ -88,11 +88,11 @@ def _check_shapes(x, dt, A, B, C, D, z, dt_bias, initial_states) -> None:
         raise ValueError(f"initial_states must have shape {(b, h, p, B.shape[3])}, got {tuple(initial_states.shape)}")
 
 
-def _discretize_dt(dt, dt_bias, dt_softplus, dt_limit) -> torch.Tensor:
-    """fp32 step sizes, as mamba-ssm's ``_chunk_cumsum_fwd`` (softplus threshold 20, then clamp)."""
-    dt = dt.float()
+def _discretize_dt(dt, dt_bias, dt_softplus, dt_limit, dtype=torch.float32) -> torch.Tensor:
+    """Step sizes in ``dtype``, as mamba-ssm's ``_chunk_cumsum_fwd`` (softplus threshold 20, then clamp)."""
+    dt = dt.to(dtype)
     if dt_bias is not None:
-        dt = dt + dt_bias.float()
+        dt = dt + dt_bias.to(dtype)
     if dt_softplus:
         dt = F.softplus(dt)  # threshold=20 like the Triton kernel
     lo, hi = dt_limit
@@ -103,10 +103,10 @@ def _discretize_dt(dt, dt_bias, dt_softplus, dt_limit) -> torch.Tensor:
 
 def _skip_and_gate(y, x, D, z) -> torch.Tensor:
     if D is not None:
-        D = D.float()
-        y = y + x.float() * (D[:, None] if D.dim() == 1 else D)
+        D = D.to(y.dtype)
+        y = y + x.to(y.dtype) * (D[:, None] if D.dim() == 1 else D)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(y.dtype))
     return y
 
 
@@ -237,15 +237,17 @@ def ssd_ref(
     """The SSD recurrence, one time step at a time (slow; the ground truth for tests).
 
     Same arguments and outputs as :func:`mamba_chunk_scan_combined`, without ``chunk_size``.
+    Computes in fp32, or in fp64 for fp64 ``x`` (a high-precision ground truth for GPU kernels).
     """
     _check_shapes(x, dt, A, B, C, D, z, dt_bias, initial_states)
     b, l, h, p = x.shape
     r = h // B.shape[2]
-    dt32 = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit)
-    Bh = B.float().repeat_interleave(r, dim=2)  # head k uses group k // r
-    Ch = C.float().repeat_interleave(r, dim=2)
-    xf, A32 = x.float(), A.float()
-    state = x.new_zeros(b, h, p, B.shape[3], dtype=torch.float32) if initial_states is None else initial_states.float()
+    acc = torch.promote_types(x.dtype, torch.float32)
+    dt32 = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit, acc)
+    Bh = B.to(acc).repeat_interleave(r, dim=2)  # head k uses group k // r
+    Ch = C.to(acc).repeat_interleave(r, dim=2)
+    xf, A32 = x.to(acc), A.to(acc)
+    state = x.new_zeros(b, h, p, B.shape[3], dtype=acc) if initial_states is None else initial_states.to(acc)
     ys = []
     for t in range(l):
         decay = torch.exp(dt32[:, t] * A32)[..., None, None]  # (b, h, 1, 1)

@@ -167,19 +167,24 @@ def test_cuda_torch_path_matches_cpu(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_matches_torch_at_hydra_shapes(dtype):
     t = _hydra_inputs(dtype)
+    truth = run(ssd_ref, {k: (v.double() if v is not None else None) for k, v in t.items()})  # fp64 recurrence
     names = ("x", "dt", "A", "B", "C", "dt_bias")
-    outs, grads = [], []
+    outs, grads = {}, {}
     for backend in ("triton", "torch"):
         leaves = {k: (v.clone().requires_grad_(k in names) if v is not None else None) for k, v in t.items()}
         y = run(lambda *a, **k: mamba_chunk_scan_combined(*a, chunk_size=256, backend=backend, **k), leaves)
         y.float().pow(2).mean().backward()
-        outs.append(y.detach())
-        grads.append({k: leaves[k].grad for k in names})
-    abs_err, rel_err = _errors(outs[0], outs[1])
-    print(f"\nSSD {dtype} forward triton vs torch: max abs {abs_err:.3e}, max rel {rel_err:.3e}")
-    tol = 1e-3 if dtype == torch.float32 else 2e-2
+        outs[backend] = y.detach()
+        grads[backend] = {k: leaves[k].grad for k in names}
+        print(f"\nSSD {dtype} forward {backend} vs fp64 recurrence: max abs %.3e, max rel %.3e" % _errors(y, truth))
+    abs_err, rel_err = _errors(outs["triton"], outs["torch"])
+    print(f"SSD {dtype} forward triton vs torch: max abs {abs_err:.3e}, max rel {rel_err:.3e}")
+    # Triton's fp32 matmuls run in TF32 (10-bit mantissa), hence ~1e-3 there; our torch path is full fp32.
+    tol = 5e-3 if dtype == torch.float32 else 2e-2
     assert rel_err < tol
+    if dtype == torch.float32:
+        assert _errors(outs["torch"], truth)[1] < 1e-4
     for k in names:
-        abs_err, rel_err = _errors(grads[0][k], grads[1][k])
-        print(f"SSD {dtype} grad {k:8s}: max abs {abs_err:.3e}, max rel {rel_err:.3e}")
-        assert rel_err < 10 * tol, k
+        abs_err, rel_err = _errors(grads["triton"][k], grads["torch"][k])
+        print(f"SSD {dtype} grad {k:8s} triton vs torch: max abs {abs_err:.3e}, max rel {rel_err:.3e}")
+        assert rel_err < 4 * tol, k
