@@ -15,12 +15,15 @@ over ``w in [0, pi]``: low-frequency energy fraction, spectral centroid, total v
 The model scan finds every module with an ``A_log`` parameter and is duck-typed (no mambavision
 import): Mamba-1 mixers (``A_log`` (d, n), ``dt_proj``; Vim's backward ``A_b_log``/``dt_proj_b``)
 and Mamba-2/Hydra mixers (``A_log`` (h,), ``dt_bias``). B, C and delta are input-dependent in
-these models; the scan uses unit ``B = C = 1`` and the input-independent part of the step,
-``delta = softplus(k * bias)`` (k = 2 for MambaVision's mixer, which adds the dt bias twice).
+these models; :func:`scan_model` uses unit ``B = C = 1`` and the input-independent part of the
+step, ``delta = softplus(k * bias)`` (k = 2 for MambaVision's mixer, which adds the dt bias twice).
+:func:`data_driven_params` instead runs images through the model and uses the token- and
+image-averaged ``delta_t = softplus(W dt_t + k b)``, ``B_t`` and ``C_t`` of each Mamba-1 mixer
+(a time-invariant, mean-field surrogate of the selective scan).
 """
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -174,3 +177,56 @@ def counterfactual(p: SSMParams, kind: str) -> SSMParams:
     """The same layer (d, n, delta) with A replaced by an S4D initialisation, for a real-vs-complex comparison."""
     n = max(p.A.shape[1], 1)
     return SSMParams(f"{p.name} [{kind}]", s4d_init(kind, p.A.shape[0], n), p.delta, p.kind)
+
+
+@torch.no_grad()
+def data_driven_params(model: nn.Module, batches: Iterable[torch.Tensor]) -> List[Tuple[SSMParams, torch.Tensor, torch.Tensor]]:
+    """``(params, B, C)`` per Mamba-1 SSM with delta, B and C averaged over tokens and images.
+
+    Hooks every ``x_proj``/``x_proj_b`` of modules with a 2-D ``A_log``; ``batches`` are image
+    tensors on the model's device, run through ``model.forward_features``. Mamba-2 / Hydra layers
+    (no ``x_proj``) are not included.
+    """
+    acc, hooks, params = {}, [], []
+    for name, module in model.named_modules():
+        for p in ssm_params_of(name, module):
+            sfx = "_b" if p.name.endswith("(bwd)") else ""
+            x_proj, dt_proj = getattr(module, f"x_proj{sfx}", None), getattr(module, f"dt_proj{sfx}", None)
+            if p.kind != "mamba1" or x_proj is None:
+                continue
+            k = DT_BIAS_APPLICATIONS.get(type(module).__name__, 1)
+            n = p.A.shape[1]
+            key = len(params)
+            params.append(p)
+            acc[key] = [0.0, 0.0, 0.0, 0]
+
+            def hook(_m, _inp, out, key=key, dt_proj=dt_proj, k=k, n=n):
+                out = out.detach().double().reshape(-1, out.shape[-1])
+                r = out.shape[1] - 2 * n
+                dt = F.softplus(out[:, :r] @ dt_proj.weight.double().T + k * dt_proj.bias.double())
+                a = acc[key]
+                a[0] = a[0] + dt.sum(0)
+                a[1] = a[1] + out[:, r:r + n].sum(0)
+                a[2] = a[2] + out[:, r + n:].sum(0)
+                a[3] += out.shape[0]
+
+            hooks.append(x_proj.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for x in batches:
+            model.forward_features(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    out = []
+    for key, p in enumerate(params):
+        dt_sum, b_sum, c_sum, count = acc[key]
+        if count == 0:
+            raise RuntimeError(f"no tokens reached {p.name}; did the model run?")
+        d = p.A.shape[0]
+        B = (b_sum / count).to(torch.complex128).expand(d, -1).clone()
+        C = (c_sum / count).to(torch.complex128).expand(d, -1).clone()
+        out.append((SSMParams(p.name, p.A, dt_sum / count, p.kind), B, C))
+    return out

@@ -117,3 +117,33 @@ def test_script_init_mode_and_tiny_model(tmp_path):
     with pytest.raises(SystemExit):
         script.main(["--model", "vit_12", "--model-arg", "img_size=32", "--model-arg", "patch_size=8", "--model-arg", "embed_dim=32",
                      "--model-arg", "depth=2", "--model-arg", "num_heads=2", "--out-dir", str(tmp_path / "vit")])
+
+
+def test_image_driven_delta_and_bc(tmp_path):
+    import mambavision
+    from PIL import Image
+
+    from eval.frequency_bias import data_driven_params
+
+    m = mambavision.create_model("mv_hybrid", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2).eval()
+    mixer = m.blocks[0].mixer
+    with torch.no_grad():  # zero dt weight: delta = softplus(2 * bias) whatever the input
+        mixer.dt_proj.weight.zero_()
+        mixer.dt_proj.bias.fill_(0.25)
+    (p, B, C), = data_driven_params(m, [torch.randn(3, 3, 32, 32), torch.randn(2, 3, 32, 32)])
+    torch.testing.assert_close(p.delta, F.softplus(torch.full((32,), 0.5, dtype=torch.float64)))
+    assert B.shape == C.shape == (32, 16) and torch.isfinite(B.real).all() and B.real.abs().sum() > 0
+
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    for i in range(3):
+        arr = (torch.rand(40, 40, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(img_dir / f"p{i}.png")
+    (img_dir / "broken.png").write_bytes(b"not a png")
+    res = _script().main(["--model", "mv_hybrid", "--model-arg", "img_size=32", "--model-arg", "patch_size=8",
+                          "--model-arg", "embed_dim=32", "--model-arg", "depth=2", "--model-arg", "num_heads=2",
+                          "--delta-source", "images", "--image-dir", str(img_dir), "--img-size", "32", "--seq-len", "17",
+                          "--out-dir", str(tmp_path / "o")])
+    assert res["source"].endswith("3 images")  # the broken file is skipped and counted
+    assert all(r["delta_from"] == "images" for r in res["layers"])
