@@ -49,7 +49,7 @@ def test_image_folder_features_labels_skips_and_matches_direct_forward(tmp_path,
 
     model = mambavision.create_model("mv_hybrid", **TINY_KW).eval()
     i = list(d["path"]).index(os.path.join("tumor", "t1.png"))
-    img = np.asarray(Image.open(image_folder / "tumor" / "t1.png").convert("RGB").resize((32, 32), Image.BICUBIC))
+    img = np.array(Image.open(image_folder / "tumor" / "t1.png").convert("RGB").resize((32, 32), Image.BICUBIC))
     x = (torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255 - torch.tensor(HE_MEAN).view(1, 3, 1, 1)) \
         / torch.tensor(HE_STD).view(1, 3, 1, 1)
     with torch.no_grad():
