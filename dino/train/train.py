@@ -223,9 +223,10 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
         data_iter = iter(data_loader)
         for iteration in range(start_iter, max_iter):
             data = next(data_iter)
-            lr, wd = schedules["lr"][iteration], schedules["wd"][iteration]
-            mom, teacher_temp = schedules["mom"][iteration], schedules["teacher_temp"][iteration]
-            last_layer_lr = schedules["last_layer_lr"][iteration]
+            # Python floats: numpy scalars would end up in the optimiser state and the checkpoint.
+            lr, wd = float(schedules["lr"][iteration]), float(schedules["wd"][iteration])
+            mom, teacher_temp = float(schedules["mom"][iteration]), float(schedules["teacher_temp"][iteration])
+            last_layer_lr = float(schedules["last_layer_lr"][iteration])
             apply_optim_scheduler(optimizer, lr, wd, last_layer_lr)
 
             optimizer.zero_grad(set_to_none=True)
@@ -265,8 +266,7 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
             model.update_teacher(mom)
 
             writer.tick()
-            values = dict(lr=float(lr), wd=float(wd), mom=float(mom), last_layer_lr=float(last_layer_lr),
-                          teacher_temp=float(teacher_temp),
+            values = dict(lr=lr, wd=wd, mom=mom, last_layer_lr=last_layer_lr, teacher_temp=teacher_temp,
                           current_batch_size=int(data["collated_global_crops"].shape[0] // 2),
                           total_loss=total_loss, **losses)
             writer.update(**values)
