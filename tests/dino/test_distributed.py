@@ -1,0 +1,152 @@
+"""Distributed environment parsing, and a real 2-process gloo run that resumes on 1 process."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dino import distributed
+from dino.distributed import parse_slurm_nodelist, read_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# -- environment parsing (pure) ---------------------------------------------------------------
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("node07", ["node07"]),
+    ("node[01-03,07]", ["node01", "node02", "node03", "node07"]),
+    ("gpu[8-10],cpu5", ["gpu8", "gpu9", "gpu10", "cpu5"]),
+    ("a[1-2]b[3-4]", ["a1b3", "a1b4", "a2b3", "a2b4"]),
+    ("rack1-n[001-002]", ["rack1-n001", "rack1-n002"]),
+])
+def test_slurm_nodelist(nodelist, hosts):
+    assert parse_slurm_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("bad", ["", "node[1-", "node[5-3]"])
+def test_slurm_nodelist_errors(bad):
+    with pytest.raises(ValueError):
+        parse_slurm_nodelist(bad)
+
+
+def test_torchrun_env():
+    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+           "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"}
+    e = read_env(env)
+    assert (e.rank, e.world_size, e.local_rank, e.node_rank, e.master_addr, e.master_port, e.source) == (
+        5, 8, 1, 1, "10.0.0.1", 1234, "torchrun")
+
+
+def test_slurm_env(monkeypatch):
+    # No scontrol on this machine: the pure-python parser gives the first host.
+    monkeypatch.setenv("PATH", "/nonexistent")
+    env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "24", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+           "SLURM_JOB_NUM_NODES": "3", "SLURM_JOB_NODELIST": "gpu[12-14]", "SLURM_JOB_ID": "4242"}
+    e = read_env(env)
+    assert (e.rank, e.world_size, e.local_rank, e.local_world_size, e.node_rank, e.master_addr, e.source) == (
+        9, 24, 1, 8, 1, "gpu12", "slurm")
+    assert e.master_port == read_env(dict(env, SLURM_PROCID="0")).master_port  # same port on every task
+    assert read_env(dict(env, MASTER_PORT="2222")).master_port == 2222
+
+
+def test_torchrun_wins_over_slurm_and_single_default():
+    env = {"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n1"}
+    assert read_env(env).source == "torchrun"
+    assert read_env({}).source == "single" and read_env({}).world_size == 1
+    with pytest.raises(RuntimeError, match="WORLD_SIZE"):
+        read_env({"RANK": "0", "WORLD_SIZE": "two"})
+
+
+def test_single_process_cpu_creates_no_group():
+    de = distributed.enable(use_cuda=False, env={})
+    try:
+        assert de.world_size == 1 and not distributed.is_enabled()
+        assert distributed.get_global_rank() == 0 and distributed.get_global_size() == 1
+        assert distributed.is_main_process() and distributed.get_device().type == "cpu"
+    finally:
+        distributed.disable()
+
+
+# -- a real torchrun run ----------------------------------------------------------------------
+TINY = [
+    "student.arch=mv_hybrid", "student.patch_size=8", "student.drop_path_rate=0.1",
+    "student.model_kwargs.embed_dim=32", "student.model_kwargs.depth=2", "student.model_kwargs.num_heads=2",
+    "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2",
+    "dino.head_n_prototypes=8", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16",
+    "ibot.head_n_prototypes=8", "ibot.head_hidden_dim=32", "ibot.head_bottleneck_dim=16", "ibot.separate_head=true",
+    "train.centering=sinkhorn_knopp", "train.batch_size_per_gpu=4", "train.dataset_path=Synthetic:length=32:image_size=32",
+    "train.OFFICIAL_EPOCH_LENGTH=2", "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1",
+    "train.log_freq=1", "train.saveckp_freq=2", "evaluation.eval_period_iterations=0", "train.num_workers=0",
+]
+# Each rank: check gradient averaging on a toy module, train, then dump its final weights.
+WORKER = r"""
+import os, sys, torch
+from torch import nn
+from dino import distributed, fsdp
+import dino.train.train as T
+out = os.environ["DUMP_DIR"]
+de = distributed.enable()
+rank = distributed.get_global_rank()
+lin = nn.Linear(3, 2)
+for p in lin.parameters():
+    p.grad = torch.full_like(p, float(rank + 1))
+fsdp.all_reduce_grads([lin], torch.device("cpu"))
+grads = [p.grad.clone() for p in lin.parameters()]
+real = T.do_train
+def capture(cfg, model, resume=True):
+    res = real(cfg, model, resume)
+    torch.save({"state": {k: v.clone() for k, v in model.state_dict().items()}, "grads": grads,
+                "world": distributed.get_global_size()}, os.path.join(out, f"rank{rank}.pt"))
+    return res
+T.do_train = capture
+T.main(sys.argv[1:])
+"""
+
+
+def _env(**kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **kw)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def test_torchrun_two_processes_then_resume_on_one(tmp_path):
+    out, dump = tmp_path / "run", tmp_path / "dump"
+    dump.mkdir()
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "--output-dir", str(out)] + TINY + ["optim.epochs=2"]
+    r = subprocess.run(cmd, cwd=REPO, env=_env(DUMP_DIR=str(dump)), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+    d0, d1 = (torch.load(dump / f"rank{i}.pt", weights_only=True) for i in range(2))
+    assert d0["world"] == d1["world"] == 2
+    for g in d0["grads"] + d1["grads"]:  # (1 + 2) / 2: gradients are averaged, not summed
+        assert torch.all(g == 1.5)
+    s0, s1 = d0["state"], d1["state"]
+    assert s0.keys() == s1.keys()
+    for k in s0:  # identical replicas after 4 optimiser steps and EMA updates
+        assert torch.equal(s0[k], s1[k]), k
+    assert any(not torch.equal(s0[k], s0[k.replace("student.", "teacher.", 1)]) for k in s0 if k.startswith("student."))
+
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["iteration"] == 3 and len(ckpt["rng"]) == 2
+    for k, v in ckpt["model"].items():
+        assert torch.equal(v, s0[k]), k
+    with open(out / "training_metrics.json") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3] and rows[0]["current_batch_size"] == 4
+
+    # Saved on 2 processes, resumed on 1 for two more iterations.
+    cmd = [sys.executable, "-m", "dino.train", "--output-dir", str(out)] + TINY + ["optim.epochs=3"]
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stdout and "saved on 2 process(es) on 1" in r.stdout
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["world_size"] == 1 and ckpt["iteration"] == 5
+    with open(out / "training_metrics.json") as f:
+        rows2 = [json.loads(line) for line in f]
+    assert [r["iteration"] for r in rows2] == list(range(6)) and rows2[:4] == rows
