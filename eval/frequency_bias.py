@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 # How often a mixer class adds its dt bias before the softplus (MambaVision: dt_proj(x) + delta_bias).
-DT_BIAS_APPLICATIONS = {"MambaVisionMixer": 2}
 
 
 def s4d_init(kind: str, d_model: int, d_state: int = 16) -> torch.Tensor:
@@ -149,7 +148,7 @@ def ssm_params_of(name: str, module: nn.Module) -> List[SSMParams]:
     if not isinstance(A_log, torch.Tensor):
         return out
     if A_log.dim() == 2 and hasattr(module, "dt_proj"):  # Mamba-1: A (d, n), delta from dt_proj.bias
-        k = DT_BIAS_APPLICATIONS.get(type(module).__name__, 1)
+        k = getattr(module, "dt_bias_applications", 1)
         for sfx, label in (("", ""), ("_b", " (bwd)")):
             a_log = getattr(module, f"A{sfx}_log", None)
             dt_proj = getattr(module, f"dt_proj{sfx}", None)
@@ -194,7 +193,7 @@ def data_driven_params(model: nn.Module, batches: Iterable[torch.Tensor]) -> Lis
             x_proj, dt_proj = getattr(module, f"x_proj{sfx}", None), getattr(module, f"dt_proj{sfx}", None)
             if p.kind != "mamba1" or x_proj is None:
                 continue
-            k = DT_BIAS_APPLICATIONS.get(type(module).__name__, 1)
+            k = getattr(module, "dt_bias_applications", 1)
             n = p.A.shape[1]
             key = len(params)
             params.append(p)

@@ -32,6 +32,9 @@ class MambaVisionMixer(nn.Module):
     branch ``z`` is concatenated rather than used as a multiplicative gate.
     """
 
+    # delta = softplus(W dt + 2 b): the release adds dt_proj's bias twice (read by analysis tools).
+    dt_bias_applications = 2
+
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, conv_bias: bool = True):
         super().__init__()
         self.d_model = d_model
