@@ -129,6 +129,8 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"iteration": iteration, **values}
+        if self._iter_time.count:  # seconds per iteration (median over the window), for throughput
+            record["iter_time"] = self._iter_time.median
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
