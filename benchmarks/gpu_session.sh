@@ -8,7 +8,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 STAGES=${STAGES:-"tests bench train"}
-source .gpu/setup.sh ${GPU_SETUP_FLAGS:-} 2>&1 | tail -3
+source .gpu/setup.sh ${GPU_SETUP_FLAGS:-} > "$OUT/gpu_setup.log" 2>&1 || { tail -5 "$OUT/gpu_setup.log"; exit 1; }  # not piped: it must export PYTHONPATH here
 export PYTHONUNBUFFERED=1
 python -c "import mambavision.ops.selective_scan as s; print('mamba-ssm scan available:', s.mamba_ssm_available())"
 if [[ $STAGES == *tests* ]]; then
