@@ -19,7 +19,7 @@ import contextlib
 import glob
 import json
 import os
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import h5py
 import numpy as np

@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 from functools import partial
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 

@@ -1,6 +1,5 @@
 """DINO, iBOT and KoLeo losses against hand computations (single process and 2-rank gloo)."""
 
-import os
 
 import numpy as np
 import pytest

@@ -2,7 +2,6 @@
 and, on CUDA with mamba-ssm installed, mamba-ssm's Triton kernels vs the torch path."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mambavision.ops import ssd
 from mambavision.ops.ssd import mamba_chunk_scan_combined, ssd_backends, ssd_ref
