@@ -211,7 +211,7 @@ def test_hvg_and_hmhvg_chosen_on_training_fold():
 def test_hvg_mode_runs_end_to_end(tmp_path):
     task, feats, inf, _ = make_hest_task(str(tmp_path), n_studies=2, spots=40)
     ge.main(["--task-dir", task, "--features-dir", feats, "--split", "hest", "--genes", "hvg:6",
-                   "--out-dir", str(tmp_path / "o")])
+            "--out-dir", str(tmp_path / "o")])
     rows = pd.read_csv(tmp_path / "o" / "gene_expression_per_gene.csv")
     assert rows.groupby("fold").size().tolist() == [6, 6]
     assert set(rows["gene"]) & set(inf)
