@@ -5,7 +5,7 @@ the baseline), the chunked pure-PyTorch scan, and on CUDA mamba-ssm's kernel whe
 Shapes: batch 8, d = 384 (half of d_inner for embed_dim 384), d_state 16, and L = 257
 (256-px crops, 16x16 patches + CLS) or L = 50 (112-px crops, 7x7 + CLS).
 
-Peak memory is the growth of the process's peak RSS on CPU (each measurement runs in a fresh
+Peak memory is the growth of the peak RSS of a fresh process doing one fwd+bwd on CPU
 process) or of torch.cuda.max_memory_allocated on GPU, above what the inputs already take.
 
     python benchmarks/bench_selective_scan.py                       # CPU, fp32
@@ -75,7 +75,7 @@ def _median_time(fn, device, repeats):
 
 
 def measure(impl, length, device, dtype, repeats, chunk_size, threads):
-    """Median fwd and fwd+bwd seconds and peak extra memory (bytes) of one implementation."""
+    """Median fwd and fwd+bwd seconds, and on CUDA the peak extra memory (bytes), of one implementation."""
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device)
@@ -91,7 +91,7 @@ def measure(impl, length, device, dtype, repeats, chunk_size, threads):
     def fwd_bwd():
         torch.autograd.grad(call(**args), leaves, grad_out)
 
-    # Load kernels and thread pools on a tiny problem first, so the baseline excludes them.
+    # Load kernels and thread pools on a tiny problem first, so the memory baseline excludes them.
     tiny = make_inputs(2, device, dtype)
     torch.autograd.grad(call(**tiny), list(tiny.values()), torch.ones(BATCH, DIM, 2, device=device, dtype=dtype))
     del tiny
@@ -100,8 +100,12 @@ def measure(impl, length, device, dtype, repeats, chunk_size, threads):
         base = torch.cuda.memory_allocated(device)
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    t_fwd = _median_time(fwd, device, repeats)
-    t_fwd_bwd = _median_time(fwd_bwd, device, repeats)
+    if repeats == 0:  # memory only: one pass
+        t_fwd = t_fwd_bwd = float("nan")
+        fwd_bwd()
+    else:
+        t_fwd = _median_time(fwd, device, repeats)
+        t_fwd_bwd = _median_time(fwd_bwd, device, repeats)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
@@ -113,15 +117,33 @@ def _child(queue, *args):
     queue.put(measure(*args))
 
 
-def measure_isolated(*args):
-    """Runs :func:`measure` in a fresh process so that peak RSS belongs to this measurement alone."""
+def _in_fresh_process(*args, env=None):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue,) + args)
-    proc.start()
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        proc = ctx.Process(target=_child, args=(queue,) + args)
+        proc.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     result = queue.get()
     proc.join()
     return result
+
+
+def measure_cpu(impl, length, device, dtype, repeats, chunk_size, threads):
+    """CPU: times in one fresh process, peak RSS growth of a single fwd+bwd in another.
+
+    The memory run fixes glibc's mmap threshold so that freed buffers leave the process and peak
+    RSS tracks live memory; that setting makes every large allocation fault in fresh pages, so
+    it is kept out of the timed run.
+    """
+    t_fwd, t_fwd_bwd, _ = _in_fresh_process(impl, length, device, dtype, repeats, chunk_size, threads)
+    mem_env = {"MALLOC_MMAP_THRESHOLD_": str(1 << 16)}
+    _, _, peak = _in_fresh_process(impl, length, device, dtype, 0, chunk_size, threads, env=mem_env)
+    return t_fwd, t_fwd_bwd, peak
 
 
 def main(argv=None):
@@ -133,15 +155,15 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--skip-reference", action="store_true", help="leave out the slow per-step loop")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     impls = [] if args.skip_reference else ["reference loop"]
     impls.append("torch chunked")
     if device.type == "cuda" and mamba_ssm_available():
         impls.append("mamba-ssm CUDA")
-    run = measure if device.type == "cuda" else measure_isolated
-    # Fixed mmap threshold: freed large buffers go back to the OS, so peak RSS tracks live memory.
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 16))
+    run = measure if device.type == "cuda" else measure_cpu
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
