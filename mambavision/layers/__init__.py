@@ -1,15 +1,16 @@
 """Layers shared by the backbones (timm's ``layers/`` vs ``models/`` split)."""
 from .attention import Attention
 from .block import MixerBlock
+from .cls_token import insert_middle_cls
 from .drop_path import DropPath, drop_path
 from .einfft import EinFFT
 from .layer_scale import LayerScale
 from .mlp import Mlp
 from .norms import RMSNorm, RMSNormGated
 from .patch_embed import PatchEmbed
-from .pos_embed import resample_patch_pos_embed
+from .pos_embed import middle_cls_pos_embed, resample_patch_pos_embed
 
 __all__ = [
     "Attention", "MixerBlock", "DropPath", "drop_path", "EinFFT", "LayerScale", "Mlp", "RMSNorm",
-    "RMSNormGated", "PatchEmbed", "resample_patch_pos_embed",
+    "RMSNormGated", "PatchEmbed", "resample_patch_pos_embed", "middle_cls_pos_embed", "insert_middle_cls",
 ]

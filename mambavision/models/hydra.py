@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from ..layers import Attention, EinFFT, MixerBlock, Mlp, PatchEmbed, RMSNormGated
+from ..layers import PatchEmbed, RMSNormGated, insert_middle_cls, middle_cls_pos_embed
 from ..ops import mamba_chunk_scan_combined
 from ..registry import register_model
 from .backbone import Backbone
-from .mv_hybrid import BlockStack, attention_start
-from .vim import _inverse_softplus_dt, insert_middle_cls, middle_cls_pos_embed
+from .mv_hybrid import attention_start, hybrid_blocks, init_mambavision_weights
+from .vim import _inverse_softplus_dt
 
 
 class HydraMixer(nn.Module):
@@ -138,33 +138,19 @@ class HydraBackbone(Backbone):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
-        first_attn = attention_start(depth) if hybrid else depth
-        blocks = []
-        for i in range(depth):
-            if i < first_attn:
-                mixer = HydraMixer(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, chunk_size=chunk_size)
-                channel_mixer = EinFFT(embed_dim, num_blocks=einfft_blocks)
-            else:
-                mixer = Attention(embed_dim, num_heads=num_heads, qkv_bias=qkv_bias)
-                channel_mixer = Mlp(embed_dim, int(embed_dim * mlp_ratio))
-            blocks.append(MixerBlock(embed_dim, mixer, channel_mixer, drop_path=dpr[i], layer_scale=layer_scale))
-        self.blocks = BlockStack(blocks)
+        self.blocks = hybrid_blocks(
+            embed_dim, depth, attention_start(depth) if hybrid else depth,
+            ssm_mixer=lambda: HydraMixer(
+                embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, chunk_size=chunk_size
+            ),
+            num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, einfft_blocks=einfft_blocks,
+            drop_path_rate=drop_path_rate, layer_scale=layer_scale,
+        )
         self.norm = nn.LayerNorm(embed_dim)
-        self.apply(self._init_weights)
+        # MV_Hybrid's template init: every Linear (in_proj, fc_D, out_proj too) trunc_normal(0.02).
+        self.apply(init_mambavision_weights)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # MV_Hybrid's template init: every Linear (in_proj, fc_D, out_proj too) trunc_normal(0.02).
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def _add_cls_token(self, x: torch.Tensor, grid_hw: Tuple[int, int]):
         x, mid = insert_middle_cls(x, self.cls_token)

@@ -11,14 +11,14 @@ the dt bias is applied twice, the depthwise convolutions have no bias, and the g
 truncated-normal init overwrites the Mamba dt init.
 """
 import math
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..layers import Attention, EinFFT, MixerBlock, Mlp, PatchEmbed
+from ..layers import Attention, EinFFT, MixerBlock, Mlp, PatchEmbed, insert_middle_cls
 from ..ops import selective_scan_fn
 from ..registry import register_model
 from .backbone import Backbone
@@ -104,6 +104,45 @@ def attention_start(depth: int) -> int:
     return depth // 2 + 1 if depth % 2 else depth // 2
 
 
+def hybrid_blocks(
+    embed_dim: int,
+    depth: int,
+    first_attn: int,
+    ssm_mixer: Callable[[], nn.Module],
+    num_heads: int,
+    mlp_ratio: float = 4.0,
+    qkv_bias: bool = True,
+    einfft_blocks: int = 4,
+    drop_path_rate: float = 0.0,
+    layer_scale: Optional[float] = None,
+) -> BlockStack:
+    """MV_Hybrid's block layout: ``ssm_mixer()`` + EinFFT before ``first_attn``, attention + MLP from it on.
+
+    Shared by MV_Hybrid and the Hydra backbones, which differ only in the SSM mixer.
+    """
+    dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+    blocks = []
+    for i in range(depth):
+        if i < first_attn:
+            mixer, channel_mixer = ssm_mixer(), EinFFT(embed_dim, num_blocks=einfft_blocks)
+        else:
+            mixer = Attention(embed_dim, num_heads=num_heads, qkv_bias=qkv_bias)
+            channel_mixer = Mlp(embed_dim, int(embed_dim * mlp_ratio))
+        blocks.append(MixerBlock(embed_dim, mixer, channel_mixer, drop_path=dpr[i], layer_scale=layer_scale))
+    return BlockStack(blocks)
+
+
+def init_mambavision_weights(m: nn.Module) -> None:
+    """``MambaVision._init_weights``: trunc_normal(0.02) on every Linear with zero bias, LayerNorm (1, 0)."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class MVHybrid(Backbone):
     global_pool = "cls+mean"
 
@@ -131,37 +170,19 @@ class MVHybrid(Backbone):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
-        first_attn = attention_start(depth)
-        blocks = []
-        for i in range(depth):
-            if i < first_attn:
-                mixer = MambaVisionMixer(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand)
-                channel_mixer = EinFFT(embed_dim, num_blocks=einfft_blocks)
-            else:
-                mixer = Attention(embed_dim, num_heads=num_heads, qkv_bias=qkv_bias)
-                channel_mixer = Mlp(embed_dim, int(embed_dim * mlp_ratio))
-            blocks.append(MixerBlock(embed_dim, mixer, channel_mixer, drop_path=dpr[i], layer_scale=layer_scale))
-        self.blocks = BlockStack(blocks)
+        self.blocks = hybrid_blocks(
+            embed_dim, depth, attention_start(depth),
+            ssm_mixer=lambda: MambaVisionMixer(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand),
+            num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, einfft_blocks=einfft_blocks,
+            drop_path_rate=drop_path_rate, layer_scale=layer_scale,
+        )
         self.norm = nn.LayerNorm(embed_dim)
-        self.apply(self._init_weights)
+        # MambaVision._init_weights: this also overwrites the mixer's dt_proj init (kept on purpose).
+        self.apply(init_mambavision_weights)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # MambaVision._init_weights: this also overwrites the mixer's dt_proj init (kept on purpose).
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
     def _add_cls_token(self, x: torch.Tensor, grid_hw: Tuple[int, int]):
-        mid = x.shape[1] // 2
-        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
-        return torch.cat([x[:, :mid], cls, x[:, mid:]], dim=1), mid
+        return insert_middle_cls(x, self.cls_token)
 
 
 register_model(

@@ -15,7 +15,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ..layers import DropPath, EinFFT, PatchEmbed, RMSNorm, resample_patch_pos_embed
+from ..layers import DropPath, EinFFT, PatchEmbed, RMSNorm, insert_middle_cls, middle_cls_pos_embed
 from ..ops import causal_conv1d_fn, selective_scan_fn
 from ..registry import register_model
 from .backbone import Backbone
@@ -106,28 +106,6 @@ class VimBlock(nn.Module):
         x = x + self.drop_path(self.mixer(self.norm(x).to(self.norm.weight.dtype)))
         x = x + self.drop_path(self.channel_mixer(self.norm2(x).to(self.norm2.weight.dtype)))
         return x
-
-
-def insert_middle_cls(x: torch.Tensor, cls_token: torch.Tensor) -> Tuple[torch.Tensor, int]:
-    """Insert ``cls_token`` (1, 1, D) at index ``N // 2`` of the patch tokens (B, N, D)."""
-    mid = x.shape[1] // 2
-    cls = cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
-    return torch.cat([x[:, :mid], cls, x[:, mid:]], dim=1), mid
-
-
-def middle_cls_pos_embed(pos_embed: torch.Tensor, grid_hw: Tuple[int, int], interpolate_offset: float = 0.1) -> torch.Tensor:
-    """Position embedding (1, M0+1, D) whose CLS slot is index ``M0 // 2``, for another patch grid.
-
-    The CLS slot is taken out, the square patch grid is bicubically resampled (DINOv2 style), and
-    the CLS slot is put back at the new middle ``M // 2``, where :func:`insert_middle_cls` puts it.
-    """
-    m0 = pos_embed.shape[1] - 1
-    c0 = m0 // 2
-    cls_pos = pos_embed[:, c0 : c0 + 1]
-    patch_pos = torch.cat([pos_embed[:, :c0], pos_embed[:, c0 + 1 :]], dim=1)
-    patch_pos = resample_patch_pos_embed(patch_pos, grid_hw, interpolate_offset)
-    mid = patch_pos.shape[1] // 2
-    return torch.cat([patch_pos[:, :mid], cls_pos, patch_pos[:, mid:]], dim=1)
 
 
 def lecun_normal_(w: torch.Tensor) -> torch.Tensor:
