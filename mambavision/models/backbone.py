@@ -17,6 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..layers import PatchEmbed
+
 # Parameters that never get weight decay: tokens, positions, and SSM dynamics (A, D, dt bias).
 NO_WEIGHT_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "A_log", "A_b_log", "D", "D_b", "dt_bias")
 
@@ -36,6 +38,16 @@ class Backbone(nn.Module):
         return self.embed_dim * (2 if self.global_pool == "cls+mean" else 1)
 
     # -- tokens -------------------------------------------------------------------------------
+    def _build_stem(self, img_size, patch_size: int, in_chans: int, embed_dim: int, pos_embed: bool) -> None:
+        """Patch embedding, CLS and mask tokens, and optionally a learned position embedding with one
+        slot per patch of the ``img_size`` grid plus one for the CLS token (initialised by the subclass)."""
+        self.embed_dim, self.patch_size, self.img_size = embed_dim, patch_size, img_size
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        if pos_embed:
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+
     def _add_cls_token(self, x: torch.Tensor, grid_hw: Tuple[int, int]) -> Tuple[torch.Tensor, int]:
         raise NotImplementedError
 

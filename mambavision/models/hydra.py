@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from ..layers import PatchEmbed, RMSNormGated, insert_middle_cls, middle_cls_pos_embed
+from ..layers import RMSNormGated, insert_middle_cls, middle_cls_pos_embed
 from ..ops import mamba_chunk_scan_combined
 from ..registry import register_model
 from .backbone import Backbone
@@ -130,14 +130,8 @@ class HydraBackbone(Backbone):
     ):
         """``num_heads``, ``mlp_ratio`` and ``qkv_bias`` shape the attention blocks (``hybrid=True`` only)."""
         super().__init__()
-        self.embed_dim = embed_dim
-        self.patch_size = patch_size
-        self.img_size = img_size
         self.interpolate_offset = interpolate_offset
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self._build_stem(img_size, patch_size, in_chans, embed_dim, pos_embed=True)
         self.blocks = hybrid_blocks(
             embed_dim, depth, attention_start(depth) if hybrid else depth,
             ssm_mixer=lambda: HydraMixer(

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..layers import Attention, EinFFT, MixerBlock, Mlp, PatchEmbed, insert_middle_cls
+from ..layers import Attention, EinFFT, MixerBlock, Mlp, insert_middle_cls
 from ..ops import selective_scan_fn
 from ..registry import register_model
 from .backbone import Backbone
@@ -164,12 +164,7 @@ class MVHybrid(Backbone):
         layer_scale: float = None,
     ):
         super().__init__()
-        self.embed_dim = embed_dim
-        self.patch_size = patch_size
-        self.img_size = img_size
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self._build_stem(img_size, patch_size, in_chans, embed_dim, pos_embed=False)  # no position embedding
         self.blocks = hybrid_blocks(
             embed_dim, depth, attention_start(depth),
             ssm_mixer=lambda: MambaVisionMixer(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand),

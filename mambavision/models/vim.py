@@ -15,7 +15,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ..layers import DropPath, EinFFT, PatchEmbed, RMSNorm, insert_middle_cls, middle_cls_pos_embed
+from ..layers import DropPath, EinFFT, RMSNorm, insert_middle_cls, middle_cls_pos_embed
 from ..ops import causal_conv1d_fn, selective_scan_fn
 from ..registry import register_model
 from .backbone import Backbone
@@ -137,14 +137,8 @@ class VimEinFFT(Backbone):
     ):
         """``num_heads`` is accepted so the zoo's common overrides apply, and unused (no attention)."""
         super().__init__()
-        self.embed_dim = embed_dim
-        self.patch_size = patch_size
-        self.img_size = img_size
         self.interpolate_offset = interpolate_offset
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self._build_stem(img_size, patch_size, in_chans, embed_dim, pos_embed=True)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.layers = nn.ModuleList(
             VimBlock(

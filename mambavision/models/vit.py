@@ -9,7 +9,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from ..layers import Attention, MixerBlock, Mlp, PatchEmbed, resample_patch_pos_embed
+from ..layers import Attention, MixerBlock, Mlp, resample_patch_pos_embed
 from ..registry import register_model
 from .backbone import Backbone
 
@@ -40,16 +40,10 @@ class VisionTransformer(Backbone):
         interpolate_antialias: bool = False,
     ):
         super().__init__()
-        self.embed_dim = embed_dim
-        self.patch_size = patch_size
-        self.img_size = img_size
         self.interpolate_offset = interpolate_offset
         self.interpolate_antialias = interpolate_antialias
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self._build_stem(img_size, patch_size, in_chans, embed_dim, pos_embed=True)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
             ViTBlock(
