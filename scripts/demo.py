@@ -200,6 +200,7 @@ def write_report(out: Path, rows, scores, timer_steps, total_s, ckpt: Path, freq
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="outputs/demo")
+    p.add_argument("--tiny-data", action="store_true", help="a few patches per task (smoke test; numbers meaningless)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for the pretraining config")
     args = p.parse_args(argv)
     out = Path(args.output_dir).resolve()
@@ -207,7 +208,8 @@ def main(argv=None):
     timer = Timer()
 
     timer.step("1/5 demo data")
-    run([sys.executable, "scripts/make_demo_data.py", "--out", data])
+    sizes = ["--n-per-class", "10", "--spots-per-sample", "60", "--n-slides", "20", "--patches-per-slide", "8"]
+    run([sys.executable, "scripts/make_demo_data.py", "--out", data, *(sizes if args.tiny_data else [])])
 
     timer.step("2/5 pretraining MV_Hybrid (DINOv2, CPU)")
     run([sys.executable, "-m", "dino.train", "--config-file", CONFIG, "--output-dir", pretrain, *args.overrides])
