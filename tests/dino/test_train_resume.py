@@ -17,15 +17,10 @@ from dino.utils import checkpoint as ckpt_mod
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ITERS = 10  # OFFICIAL_EPOCH_LENGTH 5 x 2 epochs
 TINY = [
-    "student.arch=mv_hybrid", "student.patch_size=8", "student.drop_path_rate=0.1",
-    "student.model_kwargs.embed_dim=32", "student.model_kwargs.depth=2", "student.model_kwargs.num_heads=2",
-    "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2",
-    "dino.head_n_prototypes=8", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16",
-    "ibot.head_n_prototypes=8", "ibot.head_hidden_dim=32", "ibot.head_bottleneck_dim=16", "ibot.separate_head=true",
+    "--config-file", os.path.join(REPO, "configs", "demo", "tiny.yaml"),
     # softmax centring: the loss centres are state that must survive the restart
-    "train.centering=softmax_center", "train.batch_size_per_gpu=4", "train.dataset_path=Synthetic:length=24:image_size=32",
-    "train.OFFICIAL_EPOCH_LENGTH=5", "optim.epochs=2", "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1",
-    "train.log_freq=1", "train.saveckp_freq=2", "evaluation.eval_period_iterations=0", "train.seed=3",
+    "train.centering=softmax_center", "train.dataset_path=Synthetic:length=24:image_size=32",
+    "train.OFFICIAL_EPOCH_LENGTH=5", "train.seed=3",
 ]
 # Dies by SIGKILL right after logging iteration KILL_AT, i.e. past the last checkpoint when KILL_AT is even.
 KILLER = """
