@@ -1,5 +1,12 @@
 """``python -m dino.train --config-file F --output-dir D [--no-resume] [key=value ...]``."""
-from dino.train.train import main
+import sys
+
+from dino.configs.config import ConfigError
+from dino.train.train import NonFiniteLossError, main
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, NonFiniteLossError) as e:
+        # A user error or a diverged run: the message says what and where; a traceback adds nothing.
+        sys.exit(f"error: {e}")

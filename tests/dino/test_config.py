@@ -133,3 +133,20 @@ def test_demo_config_is_tiny():
     assert cfg.student.arch == "mv_hybrid"
     assert cfg.student.model_kwargs.embed_dim <= 64 and cfg.crops.global_crops_size <= 64
     assert cfg.train.dataset_path.startswith("Synthetic")
+
+
+def test_cli_unknown_key_fails_before_any_work(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "dino.train", "--config-file", str(repo / "configs/demo/tiny.yaml"),
+         "--output-dir", str(out), "optim.epochz=3"],
+        cwd=repo, capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 1
+    assert "unknown config key 'optim.epochz'" in r.stderr and "Traceback" not in r.stderr
+    assert not (out / "checkpoint.pth").exists() and not (out / "training_metrics.json").exists()
