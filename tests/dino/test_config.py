@@ -1,5 +1,7 @@
 """The three-level config: defaults <- experiment yaml <- key=value, strict keys, shipped recipes."""
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,16 +138,11 @@ def test_demo_config_is_tiny():
 
 
 def test_cli_unknown_key_fails_before_any_work(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "run"
     r = subprocess.run(
-        [sys.executable, "-m", "dino.train", "--config-file", str(repo / "configs/demo/tiny.yaml"),
+        [sys.executable, "-m", "dino.train", "--config-file", str(CONFIGS / "demo" / "tiny.yaml"),
          "--output-dir", str(out), "optim.epochz=3"],
-        cwd=repo, capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 1
     assert "unknown config key 'optim.epochz'" in r.stderr and "Traceback" not in r.stderr
