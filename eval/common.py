@@ -12,11 +12,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 import h5py
 import numpy as np
 
+from mambavision import HE_MEAN, HE_STD  # noqa: F401  (re-exported for the eval scripts)
+
 LOG = logging.getLogger("eval")
 
-# H&E statistics used by the paper for training and evaluation (MVHybrid README).
-HE_MEAN = (0.7032, 0.5361, 0.6610)
-HE_STD = (0.2172, 0.2608, 0.2072)
 
 
 def setup_logging(level: int = logging.INFO) -> logging.Logger:

@@ -8,6 +8,9 @@
 from . import models  # noqa: F401  (registers the backbones)
 from .pretrained import load_pretrained
 from .registry import create_model, get_entry, list_models
+from .transforms import HE_MEAN, HE_STD, eval_transform
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "load_pretrained", "get_entry", "__version__"]
+__all__ = [
+    "create_model", "list_models", "load_pretrained", "get_entry", "eval_transform", "HE_MEAN", "HE_STD", "__version__",
+]

@@ -9,13 +9,12 @@ import logging
 from PIL import Image
 from torchvision import transforms
 
+from mambavision import HE_MEAN, HE_STD  # noqa: F401  (re-exported by dino.data: the H&E statistics)
+
 logger = logging.getLogger("dinov2")
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
-# H&E statistics used by the MV_Hybrid release (Lunit's values, rounded to 4 digits).
-HE_MEAN = (0.7032, 0.5361, 0.6610)
-HE_STD = (0.2172, 0.2608, 0.2072)
 
 
 class GaussianBlur(transforms.RandomApply):

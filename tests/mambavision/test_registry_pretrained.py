@@ -89,3 +89,15 @@ def test_errors_for_missing_file_unknown_arch_and_pickled_code(tmp_path, tiny_mo
 
 class _Arbitrary:
     pass
+
+
+def test_eval_transform_matches_training_normalisation():
+    from PIL import Image
+
+    img = Image.new("RGBA", (300, 200), (179, 137, 169, 255))  # ~HE_MEAN * 255, not square, with alpha
+    x = mambavision.eval_transform(224)(img)
+    assert x.shape == (3, 224, 224)
+    expected = (torch.tensor([179, 137, 169]) / 255 - torch.tensor(mambavision.HE_MEAN)) / torch.tensor(mambavision.HE_STD)
+    torch.testing.assert_close(x[:, 100, 100], expected.float(), atol=1e-3, rtol=0)
+    m = mambavision.create_model("mv_hybrid", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2).eval()
+    assert m(mambavision.eval_transform(32)(img).unsqueeze(0)).shape == (1, 64)
