@@ -228,25 +228,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean_(tensors: List[torch.Tensor]) -> None:
-    """In-place mean over ranks of a list of tensors, flattened into one message per dtype."""
-    if not is_enabled() or get_global_size() == 1 or not tensors:
-        return
-    world = get_global_size()
-    by_dtype = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for group in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(flat)
-        flat.div_(world)
-        offset = 0
-        for t in group:
-            n = t.numel()
-            t.copy_(flat[offset : offset + n].view_as(t))
-            offset += n
-
-
 def broadcast_object(obj, src: int = 0):
     if not is_enabled():
         return obj

@@ -1,7 +1,9 @@
 """Sharding of the student and teacher sub-networks.
 
-On CUDA every sub-network (backbone, dino_head, ibot_head) is wrapped as **one** FSDP2 unit with
-``fully_shard`` (the paper wraps the whole backbone as one FSDP unit):
+In every distributed run (NCCL on GPUs, gloo on CPUs) each sub-network (backbone, dino_head,
+ibot_head) is wrapped as **one** FSDP2 unit with ``fully_shard`` (the paper wraps the whole backbone
+as one FSDP unit), so the sharded code path (DTensor EMA, gathered checkpoints) is the one the CPU
+tests run:
 
 * ``FULL_SHARD``    -> ``reshard_after_forward=True``;
 * ``SHARD_GRAD_OP`` -> ``reshard_after_forward=False``;
@@ -9,14 +11,12 @@ On CUDA every sub-network (backbone, dino_head, ibot_head) is wrapped as **one**
   gradients all-reduced, i.e. DDP semantics with the FSDP2 code path.
 
 ``mixed_precision.param_dtype`` / ``reduce_dtype`` become a ``MixedPrecisionPolicy`` and
-``buffer_dtype`` casts the module's buffers. Sharded parameters are DTensors; their local shards are
-what the optimiser and the teacher EMA touch.
-
-On CPU (gloo, tests) nothing is wrapped: :func:`all_reduce_grads` averages gradients explicitly, so
-the training loop is one code path either way.
+``buffer_dtype`` casts the module's buffers; on CPU all three are fp32 (no fast half precision
+there). Sharded parameters are DTensors; their local shards are what the optimiser and the
+teacher EMA touch. A single process is never wrapped.
 """
 import logging
-from typing import Iterable, List
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -45,9 +45,9 @@ except ImportError:  # torch < 2.5
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def uses_fsdp(device: torch.device) -> bool:
-    """FSDP2 is used on CUDA with a process group; CPU runs use explicit gradient all-reduce."""
-    return device.type == "cuda" and distributed.is_enabled()
+def uses_fsdp() -> bool:
+    """FSDP2 whenever there is a process group (any device); a single process runs unwrapped."""
+    return distributed.is_enabled()
 
 
 def _mesh(strategy: str, device: torch.device):
@@ -60,22 +60,23 @@ def _mesh(strategy: str, device: torch.device):
 
 
 def wrap_module(module: nn.Module, module_cfg, device: torch.device) -> nn.Module:
-    """Wrap one sub-network as a single FSDP2 unit per ``module_cfg`` (CUDA); identity on CPU.
+    """Wrap one sub-network as a single FSDP2 unit per ``module_cfg``; identity in a single process.
 
     ``module_cfg`` is ``compute_precision.<student|teacher>.<module>``.
     """
-    if not uses_fsdp(device):
+    if not uses_fsdp():
         return module
     if fully_shard is None:
         raise RuntimeError("this torch build has no FSDP2 (fully_shard); install torch>=2.4 with distributed support")
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
         raise NotImplementedError("BatchNorm is not supported under sharding (the backbone contract forbids it)")
     mp = module_cfg.mixed_precision
-    buffer_dtype = DTYPES[mp.buffer_dtype]
+    # CPUs have no fast half precision (and gloo no fp16 reduce-scatter): compute in fp32 there.
+    dtype = (lambda name: DTYPES[name]) if device.type == "cuda" else (lambda name: torch.float32)
     for name, buf in module.named_buffers():
         if buf.is_floating_point():
-            buf.data = buf.data.to(buffer_dtype)
-    policy = MixedPrecisionPolicy(param_dtype=DTYPES[mp.param_dtype], reduce_dtype=DTYPES[mp.reduce_dtype])
+            buf.data = buf.data.to(dtype(mp.buffer_dtype))
+    policy = MixedPrecisionPolicy(param_dtype=dtype(mp.param_dtype), reduce_dtype=dtype(mp.reduce_dtype))
     strategy = module_cfg.sharding_strategy
     fully_shard(
         module,
@@ -91,19 +92,6 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     if DTensor is not None and isinstance(t, DTensor):
         return t.to_local()
     return t
-
-
-def all_reduce_grads(modules: Iterable[nn.Module], device: torch.device) -> None:
-    """Average gradients over ranks for unwrapped (CPU) modules; FSDP2 already reduced them."""
-    if uses_fsdp(device) or distributed.get_global_size() == 1:
-        return
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    for p in params:
-        # Every rank must send the same list: a parameter unused on one rank contributes zeros.
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads: List[torch.Tensor] = [p.grad for p in params]
-    distributed.all_reduce_mean_(grads)
 
 
 def clip_grad_norm_(module: nn.Module, max_norm: float) -> torch.Tensor:

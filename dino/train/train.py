@@ -231,7 +231,6 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
 
             optimizer.zero_grad(set_to_none=True)
             loss_dict = model.forward_backward(data, teacher_temp=teacher_temp)
-            fsdp.all_reduce_grads(model.student.values(), device)
 
             # Mean losses over ranks and the pre-emption flag, in one message.
             names = sorted(loss_dict)

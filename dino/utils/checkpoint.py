@@ -122,7 +122,7 @@ def _full_options(**kw):
 
 
 def full_model_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Unsharded state dict (on rank 0 under FSDP2; every rank on CPU), tensors on CPU."""
+    """Unsharded state dict with tensors on CPU: on rank 0 only under FSDP2 (other ranks get ``{}``)."""
     if StateDictOptions is None:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return get_model_state_dict(model, options=_full_options(cpu_offload=True))
