@@ -86,7 +86,7 @@ class SSLMetaArch(nn.Module):
 
     # -- setup ---------------------------------------------------------------------------------
     def prepare_for_distributed_training(self, device: torch.device) -> None:
-        """Same weights on every rank, teacher = student, then shard (CUDA) or keep plain (CPU)."""
+        """Same weights on every rank, teacher = student, then shard with FSDP2 (any multi-process run; a single process stays plain)."""
         self.to(device)
         self.device = device
         if distributed.get_global_size() > 1:
