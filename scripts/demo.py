@@ -26,8 +26,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from eval import gene_expression, linear_probe, mil, retrieval, survival  # noqa: E402
-from eval import extract_features  # noqa: E402
+from eval import extract_features, gene_expression, linear_probe, mil, retrieval, survival  # noqa: E402
 from eval.common import pyplot, save_figure  # noqa: E402
 
 CONFIG = REPO / "configs" / "demo" / "mv_hybrid_cpu.yaml"
