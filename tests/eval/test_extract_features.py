@@ -172,3 +172,29 @@ def test_wsi_one_clam_file_per_slide(tmp_path, monkeypatch):
     assert f1["features"].shape == (3, 64) and f2["features"].shape == (2, 64)
     np.testing.assert_array_equal(f2["coords"], np.arange(6, 10).reshape(2, 2) * 256)
     assert not np.allclose(f1["features"][0], f1["features"][1])  # each patch gets its own embedding
+
+
+def test_wsi_end_to_end_with_openslide(tmp_path):
+    """Slides (pyramidal TIFF from the synthetic generator) -> create_patches -> CLAM feature h5 per slide."""
+    import subprocess
+
+    from dino.data.synthetic_tissue import SyntheticTissue
+    from dino.data.wsi.pyramid_tiff import write_pyramidal_tiff
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    gen = SyntheticTissue(seed=0)
+    for i in range(2):
+        write_pyramidal_tiff(slides / f"slide{i}.tif", gen.slide_image(1024, index=i).image, mpp=0.5, n_levels=2)
+    r = subprocess.run([sys.executable, "scripts/create_patches.py", "--source", str(slides), "--save-dir",
+                        str(tmp_path / "patches"), "--patch-size", "128", "--a-t", "0.05", "--no-progress"],
+                       cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "feats"
+    _run(tmp_path, "--wsi", str(slides), "--coords", str(tmp_path / "patches" / "coords"), "--output", str(out))
+    for i in range(2):
+        with h5py.File(tmp_path / "patches" / "coords" / f"slide{i}.h5") as c, h5py.File(out / f"slide{i}.h5") as f:
+            assert len(c["coords"]) > 0
+            np.testing.assert_array_equal(f["coords"][()], c["coords"][()])
+            assert f["features"].shape == (len(c["coords"]), 64) and np.isfinite(f["features"][()]).all()
