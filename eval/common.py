@@ -6,12 +6,12 @@ import math
 import os
 import random
 import sys
-import tempfile
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import h5py
 import numpy as np
 
+from dino.utils.atomic import atomic_temp_path
 from mambavision import HE_MEAN, HE_STD  # noqa: F401  (re-exported for the eval scripts)
 
 LOG = logging.getLogger("eval")
@@ -49,11 +49,7 @@ def add_common_args(parser: argparse.ArgumentParser, default_out: str = "eval_ou
 
 
 def _tmp_path_for(path: str) -> str:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    return tmp
+    return atomic_temp_path(os.path.abspath(path))
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -27,7 +27,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -42,6 +41,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dino.data.synthetic_tissue import CLASS_NAMES, MORPHOLOGY_FEATURES, SyntheticTissue  # noqa: E402
+from dino.utils.atomic import atomic_temp_dir  # noqa: E402
 
 MARKER = ".complete.json"
 # Disjoint patch-index ranges, so no image appears in two parts.
@@ -69,8 +69,7 @@ def _building(final: Path, params: dict, force: bool):
         marker = final / MARKER
         what = "was written with other parameters" if marker.is_file() else "is not a complete demo-data folder"
         raise FileExistsError(f"{final} exists and {what}; pass --force (force=True) to rebuild it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = atomic_temp_dir(final)
     try:
         yield tmp
         (tmp / MARKER).write_text(json.dumps({"params": params, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))

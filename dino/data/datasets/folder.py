@@ -14,13 +14,14 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+
+from dino.utils.atomic import atomic_temp_path
 
 logger = logging.getLogger("dino")
 
@@ -164,9 +165,8 @@ class ImageFolderDataset(Dataset):
     def _write_cache(self, files: list[str], dirs: dict[str, int]) -> None:
         path = self._cache_path()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            tmp = atomic_temp_path(path)
+            with open(tmp, "w", encoding="utf-8") as fh:
                 json.dump({"root": str(self.root), "dirs": dirs, "files": files}, fh)
             os.replace(tmp, path)
         except OSError as err:  # read-only home on a compute node: just list again next time

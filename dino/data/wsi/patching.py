@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -22,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from dino.data.wsi.segmentation import BIOPSY_PRESET, SegmentationParams, TissueSegmentation, segment_tissue
+from dino.utils.atomic import atomic_temp_path
 
 try:  # openslide and opencv are part of the optional "wsi" extra
     import openslide
@@ -190,19 +190,12 @@ def patch_grid(mask: np.ndarray, mask_downsample, level0_dims, level0_size, leve
 
 
 # --------------------------------------------------------------------------- coords files
-def _atomic_target(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return tmp
-
-
 def write_coords_h5(path, coords: np.ndarray, attrs: dict):
     """Write a CLAM-format coords file atomically (temp file in the same folder, then replace)."""
     import h5py
 
     path = Path(path)
-    tmp = _atomic_target(path)
+    tmp = atomic_temp_path(path)
     try:
         with h5py.File(tmp, "w") as f:
             dset = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
@@ -275,7 +268,7 @@ def draw_thumbnail(rgb: np.ndarray, seg: TissueSegmentation, coords, level0_size
 
 
 def _save_png_atomic(img: Image.Image, path: Path):
-    tmp = _atomic_target(path)
+    tmp = atomic_temp_path(path)
     try:
         img.save(tmp, format="PNG")
         os.replace(tmp, path)
@@ -419,7 +412,7 @@ def find_slides(slide_dir, extensions=SLIDE_EXTENSIONS):
 def write_summary(path, results):
     """Write ``summary.csv`` atomically, one row per slide, sorted by slide id."""
     path = Path(path)
-    tmp = _atomic_target(path)
+    tmp = atomic_temp_path(path)
     try:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)

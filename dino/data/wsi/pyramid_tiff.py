@@ -8,10 +8,11 @@ resolution tags (centimetre units).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from dino.utils.atomic import atomic_temp_path
 
 
 def write_pyramidal_tiff(path, rgb: np.ndarray, mpp: float | None = 0.5, tile: int = 256, n_levels: int = 3,
@@ -28,9 +29,7 @@ def write_pyramidal_tiff(path, rgb: np.ndarray, mpp: float | None = 0.5, tile: i
     if tile % 16:
         raise ValueError(f"TIFF tiles must be a multiple of 16 px, got {tile}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = atomic_temp_path(path)
     try:
         with tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2**31) as tw:
             level = rgb
