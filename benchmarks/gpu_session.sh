@@ -5,6 +5,8 @@
 #   3. kernel and backbone throughput tables (ratios against a baseline measured in the same run);
 #   4. short runs of the paper's pretraining config at reduced batch (loss must fall, no NaN).
 # Stages can be skipped: STAGES="tests bench train" (default: all). Results go to $OUT.
+# The mamba-ssm build alone can take 3-8 min: with STAGES=build a first call only builds, and the
+# next call on the still-warm machine skips the build (setup.sh checks /tmp/site).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 STAGES=${STAGES:-"tests bench train"}
