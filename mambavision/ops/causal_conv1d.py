@@ -8,27 +8,21 @@ input is on CUDA and the kernel width is one it supports (2 to 4); otherwise to 
 ``F.conv1d``. ``backend=`` or ``MAMBAVISION_CONV_BACKEND`` (``auto`` | ``cuda`` | ``torch``)
 forces one.
 """
-import functools
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "cuda", "torch")
+from .dispatch import choose_backend, optional_import
+
 BACKEND_ENV = "MAMBAVISION_CONV_BACKEND"
 ACTIVATIONS = (None, "silu", "swish")
 CUDA_WIDTHS = (2, 3, 4)  # the widths causal_conv1d's kernels are compiled for
 
 
-@functools.lru_cache(maxsize=None)
 def _cuda_conv():
     """The ``causal_conv1d`` package's ``causal_conv1d_fn``, or None when it cannot be imported."""
-    try:
-        from causal_conv1d import causal_conv1d_fn as fn
-    except Exception:  # ImportError, or OSError / undefined symbols from a mismatched build
-        return None
-    return fn
+    return optional_import("causal_conv1d", "causal_conv1d_fn")
 
 
 def causal_conv1d_available() -> bool:
@@ -37,19 +31,12 @@ def causal_conv1d_available() -> bool:
 
 
 def _resolve_backend(backend: Optional[str], x: torch.Tensor, width: int) -> str:
-    choice = (backend or os.environ.get(BACKEND_ENV) or "auto").lower()
-    if choice not in BACKENDS:
-        raise ValueError(f"unknown causal-conv1d backend {choice!r}; expected one of {BACKENDS}")
-    cuda_ok = x.is_cuda and width in CUDA_WIDTHS and causal_conv1d_available()
-    if choice == "auto":
-        return "cuda" if cuda_ok else "torch"
-    if choice == "cuda" and not cuda_ok:
-        raise RuntimeError(
-            "backend 'cuda' needs the causal-conv1d package (importable: "
-            f"{causal_conv1d_available()}), CUDA tensors (x on {x.device}) and a kernel width in "
-            f"{CUDA_WIDTHS} (got {width})"
-        )
-    return choice
+    return choose_backend(
+        "causal-conv1d", backend, BACKEND_ENV, "cuda",
+        fast_ok=x.is_cuda and width in CUDA_WIDTHS and causal_conv1d_available(),
+        why_not=lambda: (f"it needs the causal-conv1d package (importable: {causal_conv1d_available()}), "
+                         f"CUDA tensors (x on {x.device}) and a kernel width in {CUDA_WIDTHS} (got {width})"),
+    )
 
 
 def causal_conv1d_fn(x, weight, bias=None, activation=None, *, backend: Optional[str] = None):

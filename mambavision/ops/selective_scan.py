@@ -17,26 +17,20 @@ Set ``backend=`` or the environment variable ``MAMBAVISION_SCAN_BACKEND`` to ``c
 ``torch`` to force one (``auto`` is the default). ``selective_scan_ref`` is the plain per-step
 loop, kept as the obviously-correct reference for tests and benchmarks.
 """
-import functools
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "cuda", "torch")
+from .dispatch import choose_backend, optional_import
+
 BACKEND_ENV = "MAMBAVISION_SCAN_BACKEND"
 DEFAULT_CHUNK_SIZE = 32  # fastest fwd+bwd on 2 CPU cores at L=257; ~B*D*N*32*4 bytes per buffer
 
 
-@functools.lru_cache(maxsize=None)
 def _mamba_ssm_scan():
     """mamba-ssm's CUDA ``selective_scan_fn``, or None when it cannot be imported."""
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as fn
-    except Exception:  # ImportError, or OSError / undefined symbols from a mismatched build
-        return None
-    return fn
+    return optional_import("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
 
 
 def mamba_ssm_available() -> bool:
@@ -87,17 +81,11 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
 
 
 def _resolve_backend(backend: Optional[str], u: torch.Tensor) -> str:
-    choice = (backend or os.environ.get(BACKEND_ENV) or "auto").lower()
-    if choice not in BACKENDS:
-        raise ValueError(f"unknown selective-scan backend {choice!r}; expected one of {BACKENDS}")
-    if choice == "auto":
-        return "cuda" if u.is_cuda and mamba_ssm_available() else "torch"
-    if choice == "cuda":
-        if not mamba_ssm_available():
-            raise RuntimeError("backend 'cuda' needs mamba-ssm (pip install mamba-ssm), which does not import")
-        if not u.is_cuda:
-            raise RuntimeError(f"backend 'cuda' needs CUDA tensors, got u on {u.device}")
-    return choice
+    return choose_backend(
+        "selective-scan", backend, BACKEND_ENV, "cuda", fast_ok=u.is_cuda and mamba_ssm_available(),
+        why_not=lambda: ("it needs mamba-ssm (pip install mamba-ssm), which does not import" if not mamba_ssm_available()
+                         else f"it needs CUDA tensors, got u on {u.device}"),
+    )
 
 
 def selective_scan_fn(

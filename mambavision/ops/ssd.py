@@ -17,11 +17,12 @@ Backends, chosen at call time:
 Force one with ``backend=`` or the environment variable ``MAMBAVISION_SSD_BACKEND=torch|triton``.
 ``ssd_ref`` is a step-by-step recurrence used by the tests as the ground truth.
 """
-import os
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+from .dispatch import choose_backend, import_error, optional_import
 
 __all__ = ["mamba_chunk_scan_combined", "ssd_ref", "ssd_backends"]
 
@@ -29,22 +30,12 @@ _ENV_VAR = "MAMBAVISION_SSD_BACKEND"
 # The torch path materialises (chunk x chunk) blocks, so its cost grows with the chunk length;
 # 64 was fastest on CPU at Hydra's L=257 (7x faster than 256). The result does not depend on it.
 _TORCH_MAX_CHUNK = 64
-_BACKENDS = ("auto", "torch", "triton")
-_TRITON_FN = None
-_TRITON_ERROR: Optional[str] = None
+_TRITON_MODULE = "mamba_ssm.ops.triton.ssd_combined"
 
 
 def _triton_fn():
     """mamba-ssm's Triton entry point, or None (the import is attempted once, then cached)."""
-    global _TRITON_FN, _TRITON_ERROR
-    if _TRITON_FN is None and _TRITON_ERROR is None:
-        try:
-            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as fn
-        except Exception as e:  # ImportError, or a broken CUDA/Triton install
-            _TRITON_ERROR = f"{type(e).__name__}: {e}"
-        else:
-            _TRITON_FN = fn
-    return _TRITON_FN
+    return optional_import(_TRITON_MODULE, "mamba_chunk_scan_combined")
 
 
 def ssd_backends() -> Tuple[str, ...]:
@@ -53,17 +44,11 @@ def ssd_backends() -> Tuple[str, ...]:
 
 
 def _resolve_backend(backend: Optional[str], x: torch.Tensor) -> str:
-    choice = (backend or os.environ.get(_ENV_VAR, "") or "auto").lower()
-    if choice not in _BACKENDS:
-        raise ValueError(f"unknown SSD backend {choice!r} (from backend= or ${_ENV_VAR}); choose one of {_BACKENDS}")
-    if choice == "auto":
-        return "triton" if x.is_cuda and _triton_fn() is not None else "torch"
-    if choice == "triton":
-        if _triton_fn() is None:
-            raise RuntimeError(f"SSD backend 'triton' requested but mamba-ssm is not importable ({_TRITON_ERROR})")
-        if not x.is_cuda:
-            raise RuntimeError("SSD backend 'triton' requested for a tensor that is not on CUDA")
-    return choice
+    return choose_backend(
+        "SSD", backend, _ENV_VAR, "triton", fast_ok=x.is_cuda and _triton_fn() is not None,
+        why_not=lambda: (f"mamba-ssm is not importable ({import_error(_TRITON_MODULE)})" if _triton_fn() is None
+                         else f"x is on {x.device}, not CUDA"),
+    )
 
 
 def _check_shapes(x, dt, A, B, C, D, z, dt_bias, initial_states) -> None:
