@@ -5,21 +5,43 @@
 #   3. kernel and backbone throughput tables (ratios against a baseline measured in the same run);
 #   4. short runs of the paper's pretraining config at reduced batch (loss must fall, no NaN).
 # Stages can be skipped: STAGES="tests bench train" (default: all). Results go to $OUT.
-# The mamba-ssm build alone can take 3-8 min: with STAGES=build a first call only builds, and the
-# next call on the still-warm machine skips the build (setup.sh checks /tmp/site).
+# The builds take 3-8 min: with STAGES=build a first call only builds, and the next call on the
+# still-warm machine skips them (both check /tmp/site).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 STAGES=${STAGES:-"tests bench train"}
+# Build mamba-ssm and causal-conv1d side by side (setup.sh builds them one after the other), each into
+# its own target, then merge into /tmp/site; setup.sh then finds both .so files and only installs the wheels.
+build() {  # build <source dir prefix> <FORCE_BUILD variable> <MAX_JOBS> <.so glob>
+  ls /tmp/site/$4 >/dev/null 2>&1 && return 0
+  local d; d=$(ls -d .gpu/src/$1-* 2>/dev/null | head -1); [ -n "$d" ] || return 0
+  (cd "$d" && env "$2=TRUE" MAX_JOBS=$3 python3 -m pip install -q --no-deps --no-build-isolation \
+      --target "/tmp/build_$1" . > "$OUT/build_$1.log" 2>&1) && mkdir -p /tmp/site && cp -r "/tmp/build_$1/." /tmp/site/
+}
+if [[ ${GPU_SETUP_FLAGS:-} != *--no-mamba* ]]; then
+  t0=$(date +%s)
+  build mamba_ssm MAMBA_FORCE_BUILD 11 "selective_scan_cuda*.so" & pid_m=$!
+  pid_c=
+  [[ ${GPU_SETUP_FLAGS:-} == *--no-conv* ]] || { build causal_conv1d CAUSAL_CONV1D_FORCE_BUILD 5 "causal_conv1d_cuda*.so" & pid_c=$!; }
+  wait $pid_m || { echo "mamba-ssm build failed:"; tail -20 "$OUT/build_mamba_ssm.log"; }
+  [ -z "$pid_c" ] || wait $pid_c || { echo "causal-conv1d build failed:"; tail -20 "$OUT/build_causal_conv1d.log"; }
+  echo "parallel builds: $(( $(date +%s) - t0 )) s"
+fi
 source .gpu/setup.sh ${GPU_SETUP_FLAGS:-} > "$OUT/gpu_setup.log" 2>&1 || { tail -5 "$OUT/gpu_setup.log"; exit 1; }  # not piped: it must export PYTHONPATH here
 export PYTHONUNBUFFERED=1
 python -c "import mambavision.ops.selective_scan as s; print('mamba-ssm scan available:', s.mamba_ssm_available())"
 if [[ $STAGES == *tests* ]]; then
-  python -m pytest -q -rs -s tests/mambavision/test_selective_scan.py tests/mambavision/test_ssd.py \
-      tests/mambavision/test_vim_hydra.py -k "cuda or triton or gpu" 2>&1 | tee "$OUT/cuda_tests.log" | tail -60
+  timeout "${TESTS_TIMEOUT:-300}" python -m pytest -q -rs -s tests/mambavision/test_selective_scan.py \
+      tests/mambavision/test_ssd.py tests/mambavision/test_causal_conv1d.py tests/mambavision/test_mixers_cuda.py \
+      -k "cuda or triton or gpu" > "$OUT/cuda_tests.log" 2>&1; grep -E "rel|passed|failed|SKIP" "$OUT/cuda_tests.log" | tail -40
 fi
 if [[ $STAGES == *bench* ]]; then
   python benchmarks/bench_selective_scan.py --device cuda --dtype bf16 --skip-reference 2>&1 | tee "$OUT/bench_scan.md" | tail -12
-  python benchmarks/bench_backbones.py --models vit_12,mv_hybrid,vit_24 --steps 5 --warmup 2 2>&1 | tee "$OUT/bench_backbones.md" | tail -8
+  timeout "${BENCH_TIMEOUT:-240}" python benchmarks/bench_backbones.py --models "${BENCH_MODELS:-vit_12,mv_hybrid,vit_24,vim_einfft,hydra_einfft,hydra_hybrid}" \
+      --steps 5 --warmup 2 2>&1 | tee "$OUT/bench_backbones.md" | tail -10
+  # The same model on our PyTorch scan, for the kernel's share of the speed.
+  MAMBAVISION_SCAN_BACKEND=torch timeout 120 python benchmarks/bench_backbones.py --models vit_12,mv_hybrid \
+      --steps 5 --warmup 2 2>&1 | tee "$OUT/bench_backbones_torch_scan.md" | tail -5
 fi
 if [[ $STAGES == *train* ]]; then
   for arch in ${ARCHS:-mv_hybrid vit_12}; do
