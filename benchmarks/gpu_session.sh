@@ -4,7 +4,8 @@
 #   2. the CUDA-only tests: mamba-ssm / Triton kernels against our PyTorch paths (fwd + bwd, fp32 + bf16);
 #   3. kernel and backbone throughput tables (ratios against a baseline measured in the same run);
 #   4. short runs of the paper's pretraining config at reduced batch (loss must fall, no NaN).
-# Stages can be skipped: STAGES="tests bench train" (default: all). Results go to $OUT.
+#   5. (STAGES=fsdp, on a multi-GPU box) torchrun on every GPU (NCCL + FSDP2), then resume on one GPU.
+# Stages can be skipped: STAGES="tests bench train" (default; add fsdp on several GPUs). Results go to $OUT.
 # The builds take 3-8 min: with STAGES=build a first call only builds, and the next call on the
 # still-warm machine skips them (both check /tmp/site).
 set -uo pipefail
@@ -25,15 +26,17 @@ if [[ ${GPU_SETUP_FLAGS:-} != *--no-mamba* ]]; then
   [[ ${GPU_SETUP_FLAGS:-} == *--no-conv* ]] || { build causal_conv1d CAUSAL_CONV1D_FORCE_BUILD 5 "causal_conv1d_cuda*.so" & pid_c=$!; }
   wait $pid_m || { echo "mamba-ssm build failed:"; tail -20 "$OUT/build_mamba_ssm.log"; }
   [ -z "$pid_c" ] || wait $pid_c || { echo "causal-conv1d build failed:"; tail -20 "$OUT/build_causal_conv1d.log"; }
-  echo "parallel builds: $(( $(date +%s) - t0 )) s"
+  echo "parallel builds: $(( $(date +%s) - t0 )) s" | tee "$OUT/build_time.txt"
 fi
 source .gpu/setup.sh ${GPU_SETUP_FLAGS:-} > "$OUT/gpu_setup.log" 2>&1 || { tail -5 "$OUT/gpu_setup.log"; exit 1; }  # not piped: it must export PYTHONPATH here
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PYTHONPATH  # benchmarks/*.py import the package from the checkout
 python -c "import mambavision.ops.selective_scan as s; print('mamba-ssm scan available:', s.mamba_ssm_available())"
 if [[ $STAGES == *tests* ]]; then
   timeout "${TESTS_TIMEOUT:-300}" python -m pytest -q -rs -s tests/mambavision/test_selective_scan.py \
       tests/mambavision/test_ssd.py tests/mambavision/test_causal_conv1d.py tests/mambavision/test_mixers_cuda.py \
-      -k "cuda or triton or gpu" > "$OUT/cuda_tests.log" 2>&1; grep -E "rel|passed|failed|SKIP" "$OUT/cuda_tests.log" | tail -40
+      > "$OUT/cuda_tests.log" 2>&1; grep -E "rel|passed|failed|SKIP" "$OUT/cuda_tests.log" | tail -40
+  # Whole files, not a -k filter: a CUDA test whose name lacks the keyword would silently drop out.
+  # -rs lists every skip with its reason, so a kernel that failed to build shows up.
 fi
 if [[ $STAGES == *bench* ]]; then
   python benchmarks/bench_selective_scan.py --device cuda --dtype bf16 --skip-reference 2>&1 | tee "$OUT/bench_scan.md" | tail -12
@@ -51,5 +54,19 @@ if [[ $STAGES == *train* ]]; then
       optim.epochs="${EPOCHS:-8}" optim.warmup_epochs=1 teacher.warmup_teacher_temp_epochs=2 train.log_freq=10 \
       2>&1 | tail -4
     cp "/tmp/gpu_$arch/training_metrics.json" "$OUT/metrics_$arch.json" 2>/dev/null
+  done
+fi
+if [[ $STAGES == *fsdp* ]]; then
+  ngpu=$(python -c "import torch; print(torch.cuda.device_count())")
+  for arch in ${FSDP_ARCHS:-vit_12}; do
+    args=(--config-file "configs/train/$arch.yaml" --output-dir "/tmp/fsdp_$arch" train.dataset_path=Synthetic:length=100000:image_size=256
+          train.batch_size_per_gpu="${BATCH:-32}" train.num_workers=6 train.OFFICIAL_EPOCH_LENGTH=25 optim.warmup_epochs=1
+          teacher.warmup_teacher_temp_epochs=2 train.log_freq=10)
+    timeout "${TRAIN_TIMEOUT:-170}" python -m torch.distributed.run --standalone --nproc_per_node="$ngpu" -m dino.train \
+      "${args[@]}" --no-resume optim.epochs="${EPOCHS:-4}" 2>&1 | grep -E "FSDP|shard|Training \[|saved|Error|error" | tail -8
+    # The checkpoint saved on $ngpu processes resumes on one for one more epoch.
+    timeout "${TRAIN_TIMEOUT:-170}" python -m dino.train "${args[@]}" optim.epochs=$(( ${EPOCHS:-4} + 1 )) 2>&1 \
+      | grep -E "resum|Training \[|saved|Error|error" | tail -5
+    cp "/tmp/fsdp_$arch/training_metrics.json" "$OUT/metrics_fsdp_$arch.json" 2>/dev/null
   done
 fi

@@ -255,7 +255,7 @@ def test_torch_path_on_cuda_matches_reference(dtype):
 @needs_mamba
 @pytest.mark.parametrize("shape", MV_HYBRID_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mamba_ssm_kernel_matches_torch_path(shape, dtype):
+def test_mamba_ssm_cuda_kernel_matches_torch_path(shape, dtype):
     b, d, l, n = shape
     args = make_inputs(b=b, d=d, l=l, n=n, dtype=dtype, device="cuda", z=False)
     # As MV_Hybrid calls it: fp32 A, D and delta_bias, softplus on.
