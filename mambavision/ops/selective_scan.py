@@ -102,7 +102,8 @@ def selective_scan_fn(
         D: optional (dim,) skip connection. z: optional (batch, dim, length) gate.
         delta_bias: optional (dim,), added to ``delta`` before the softplus.
         delta_softplus: apply softplus to ``delta``.
-        return_last_state: also return the final state (batch, dim, dstate), in fp32.
+        return_last_state: also return the final state (batch, dim, dstate), in fp32. The torch backend
+            backpropagates through it; mamba-ssm's CUDA backward ignores its gradient (upstream behaviour).
         backend: ``"auto"`` (default, or ``$MAMBAVISION_SCAN_BACKEND``), ``"cuda"`` or ``"torch"``.
         chunk_size: time steps per chunk of the torch backend (memory vs. Python overhead).
 

@@ -267,6 +267,9 @@ def test_mamba_ssm_cuda_kernel_matches_torch_path(shape, dtype):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert _report(f"cuda-vs-torch {shape} {dtype} out", out, ref) < tol
     assert _report(f"cuda-vs-torch {shape} {dtype} last", last, ref_last) < tol
-    g, g_ref = grads((out, last), args), grads((ref, ref_last), args)
+    # Gradients of the output only: mamba-ssm's backward drops the gradient arriving through
+    # last_state (its backward takes ``dout, *args`` and ignores the rest); our torch path keeps it.
+    # No model here backpropagates through the last state (docs/deviations.md).
+    g, g_ref = grads(out, args), grads(ref, args)
     for k in g:
         assert _report(f"cuda-vs-torch {shape} {dtype} d{k}", g[k], g_ref[k]) < tol * 10
