@@ -63,7 +63,7 @@ if [[ $STAGES == *fsdp* ]]; then
           train.batch_size_per_gpu="${BATCH:-32}" train.num_workers=6 train.OFFICIAL_EPOCH_LENGTH=25 optim.warmup_epochs=1
           teacher.warmup_teacher_temp_epochs=2 train.log_freq=10)
     timeout "${TRAIN_TIMEOUT:-170}" python -m torch.distributed.run --standalone --nproc_per_node="$ngpu" -m dino.train \
-      "${args[@]}" --no-resume optim.epochs="${EPOCHS:-4}" 2>&1 | grep -E "FSDP|shard|Training \[|saved|Error|error" | tail -8
+      --no-resume "${args[@]}" optim.epochs="${EPOCHS:-4}" 2>&1 | grep -E "FSDP|shard|Training \[|saved|Error|error" | tail -8
     # The checkpoint saved on $ngpu processes resumes on one for one more epoch.
     timeout "${TRAIN_TIMEOUT:-170}" python -m dino.train "${args[@]}" optim.epochs=$(( ${EPOCHS:-4} + 1 )) 2>&1 \
       | grep -E "resum|Training \[|saved|Error|error" | tail -5
