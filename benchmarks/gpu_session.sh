@@ -33,8 +33,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PYTHONPATH  # benchmarks/*.py import 
 python -c "import mambavision.ops.selective_scan as s; print('mamba-ssm scan available:', s.mamba_ssm_available())"
 if [[ $STAGES == *tests* ]]; then
   timeout "${TESTS_TIMEOUT:-300}" python -m pytest -q -rs -s tests/mambavision/test_selective_scan.py \
-      tests/mambavision/test_ssd.py tests/mambavision/test_causal_conv1d.py tests/mambavision/test_mixers_cuda.py \
-      > "$OUT/cuda_tests.log" 2>&1; grep -E "rel|passed|failed|SKIP" "$OUT/cuda_tests.log" | tail -40
+      tests/mambavision/test_selective_scan_triton.py tests/mambavision/test_ssd.py tests/mambavision/test_causal_conv1d.py \
+      tests/mambavision/test_mixers_cuda.py \
+      > "$OUT/cuda_tests.log" 2>&1; grep -E "rel|vs-torch|passed|failed|SKIP" "$OUT/cuda_tests.log" | tail -40
   # Whole files, not a -k filter: a CUDA test whose name lacks the keyword would silently drop out.
   # -rs lists every skip with its reason, so a kernel that failed to build shows up.
 fi
@@ -42,9 +43,11 @@ if [[ $STAGES == *bench* ]]; then
   python benchmarks/bench_selective_scan.py --device cuda --dtype bf16 --skip-reference 2>&1 | tee "$OUT/bench_scan.md" | tail -12
   timeout "${BENCH_TIMEOUT:-240}" python benchmarks/bench_backbones.py --models "${BENCH_MODELS:-vit_12,mv_hybrid,vit_24,vim_einfft,hydra_einfft,hydra_hybrid}" \
       --steps 5 --warmup 2 2>&1 | tee "$OUT/bench_backbones.md" | tail -10
-  # The same model on our PyTorch scan, for the kernel's share of the speed.
-  MAMBAVISION_SCAN_BACKEND=torch timeout 120 python benchmarks/bench_backbones.py --models vit_12,mv_hybrid \
-      --steps 5 --warmup 2 2>&1 | tee "$OUT/bench_backbones_torch_scan.md" | tail -5
+  # mv_hybrid on each selective-scan backend, for the kernel's share of the speed.
+  for scan in triton torch; do
+    MAMBAVISION_SCAN_BACKEND=$scan timeout 120 python benchmarks/bench_backbones.py --models vit_12,mv_hybrid \
+        --steps 5 --warmup 2 2>&1 | tee "$OUT/bench_backbones_${scan}_scan.md" | tail -5
+  done
 fi
 if [[ $STAGES == *train* ]]; then
   for arch in ${ARCHS:-mv_hybrid vit_12}; do

@@ -32,10 +32,10 @@ def causal_conv1d_available() -> bool:
 
 def _resolve_backend(backend: Optional[str], x: torch.Tensor, width: int) -> str:
     return choose_backend(
-        "causal-conv1d", backend, BACKEND_ENV, "cuda",
-        fast_ok=x.is_cuda and width in CUDA_WIDTHS and causal_conv1d_available(),
-        why_not=lambda: (f"it needs the causal-conv1d package (importable: {causal_conv1d_available()}), "
-                         f"CUDA tensors (x on {x.device}) and a kernel width in {CUDA_WIDTHS} (got {width})"),
+        "causal-conv1d", backend, BACKEND_ENV,
+        [("cuda", x.is_cuda and width in CUDA_WIDTHS and causal_conv1d_available(),
+          lambda: (f"it needs the causal-conv1d package (importable: {causal_conv1d_available()}), "
+                   f"CUDA tensors (x on {x.device}) and a kernel width in {CUDA_WIDTHS} (got {width})"))],
     )
 
 

@@ -1,13 +1,13 @@
 """How every op picks its backend at call time: one optional-import cache and one resolution rule.
 
-``backend=`` (or the op's environment variable) is ``"auto"``, ``"torch"`` or the op's fast
-backend (``"cuda"`` / ``"triton"``). ``auto`` takes the fast one when it can run on these tensors;
-forcing it when it cannot is an error that says why.
+``backend=`` (or the op's environment variable) is ``"auto"``, ``"torch"`` or one of the op's fast
+backends (``"cuda"`` / ``"triton"``), which are listed in order of preference. ``auto`` takes the
+first one that can run on these tensors, else torch; forcing one that cannot is an error that says why.
 """
 import functools
 import importlib
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Tuple
 
 _IMPORT_ERRORS = {}
 
@@ -27,15 +27,20 @@ def import_error(module: str) -> str:
     return _IMPORT_ERRORS.get(module, "")
 
 
-def choose_backend(op: str, backend: Optional[str], env_var: str, fast: str, fast_ok: bool,
-                   why_not: Callable[[], str]) -> str:
-    """Resolve ``backend`` (else ``$env_var``, else ``auto``) to ``fast`` or ``"torch"``."""
+def choose_backend(op: str, backend: Optional[str], env_var: str,
+                   fast: Sequence[Tuple[str, bool, Callable[[], str]]]) -> str:
+    """Resolve ``backend`` (else ``$env_var``, else ``auto``) to a fast backend's name or ``"torch"``.
+
+    ``fast`` lists ``(name, usable_here, why_not)`` in order of preference; ``why_not()`` explains
+    an unusable one when it is forced.
+    """
     choice = (backend or os.environ.get(env_var) or "auto").lower()
-    allowed = ("auto", fast, "torch")
+    allowed = ("auto",) + tuple(name for name, _, _ in fast) + ("torch",)
     if choice not in allowed:
         raise ValueError(f"unknown {op} backend {choice!r} (from backend= or ${env_var}); expected one of {allowed}")
     if choice == "auto":
-        return fast if fast_ok else "torch"
-    if choice == fast and not fast_ok:
-        raise RuntimeError(f"{op} backend {fast!r} was requested but {why_not()}")
+        return next((name for name, ok, _ in fast if ok), "torch")
+    for name, ok, why_not in fast:
+        if choice == name and not ok:
+            raise RuntimeError(f"{op} backend {name!r} was requested but {why_not()}")
     return choice

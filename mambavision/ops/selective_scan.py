@@ -10,19 +10,22 @@ then gates ``out = y * silu(z)`` when ``z`` is given. ``delta`` is first shifted
 ``selective_scan_fn`` dispatches at call time:
 
 1. mamba-ssm's CUDA kernel, when ``mamba_ssm`` imports and the input is on CUDA;
-2. otherwise a chunked pure-PyTorch scan (:class:`_ChunkedScan`) whose backward recomputes
+2. the project's Triton kernel (:mod:`.selective_scan_triton`) on CUDA without mamba-ssm, for
+   time-varying B and C (every model here) and fp32/bf16/fp16 inputs;
+3. otherwise a chunked pure-PyTorch scan (:class:`_ChunkedScan`) whose backward recomputes
    each chunk, so memory grows with ``B*D*N*chunk_size`` rather than ``B*D*N*L``.
 
-Set ``backend=`` or the environment variable ``MAMBAVISION_SCAN_BACKEND`` to ``cuda`` or
-``torch`` to force one (``auto`` is the default). ``selective_scan_ref`` is the plain per-step
+Set ``backend=`` or the environment variable ``MAMBAVISION_SCAN_BACKEND`` to ``cuda``,
+``triton`` or ``torch`` to force one (``auto`` is the default). ``selective_scan_ref`` is the plain per-step
 loop, kept as the obviously-correct reference for tests and benchmarks.
 """
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .dispatch import choose_backend, optional_import
+from .dispatch import choose_backend, import_error, optional_import
 
 BACKEND_ENV = "MAMBAVISION_SCAN_BACKEND"
 DEFAULT_CHUNK_SIZE = 32  # fastest fwd+bwd on 2 CPU cores at L=257; ~B*D*N*32*4 bytes per buffer
@@ -80,11 +83,33 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
     return b, d, l, n
 
 
-def _resolve_backend(backend: Optional[str], u: torch.Tensor) -> str:
+def _triton_scan():
+    """The project's Triton scan (:mod:`.selective_scan_triton`), or None without triton."""
+    return optional_import("mambavision.ops.selective_scan_triton", "triton_selective_scan")
+
+
+def _triton_interpreted() -> bool:
+    # Triton's CPU interpreter, for tests; auto picks it on CPU tensors only when the user set it.
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+def _resolve_backend(backend: Optional[str], u: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> str:
+    triton_ok = ((u.is_cuda or _triton_interpreted()) and u.dtype != torch.float64
+                 and B.dim() > 2 and C.dim() > 2 and _triton_scan() is not None)  # CPU runs never import triton
+
+    def triton_why_not():
+        if _triton_scan() is None:
+            return f"triton does not import ({import_error('mambavision.ops.selective_scan_triton')})"
+        if not (u.is_cuda or _triton_interpreted()):
+            return f"it needs CUDA tensors (or TRITON_INTERPRET=1), got u on {u.device}"
+        return "it supports fp32/bf16/fp16 inputs with time-varying B and C (batch, [groups,] dstate, length)"
+
     return choose_backend(
-        "selective-scan", backend, BACKEND_ENV, "cuda", fast_ok=u.is_cuda and mamba_ssm_available(),
-        why_not=lambda: ("it needs mamba-ssm (pip install mamba-ssm), which does not import" if not mamba_ssm_available()
-                         else f"it needs CUDA tensors, got u on {u.device}"),
+        "selective-scan", backend, BACKEND_ENV,
+        [("cuda", u.is_cuda and mamba_ssm_available(),
+          lambda: ("it needs mamba-ssm (pip install mamba-ssm), which does not import" if not mamba_ssm_available()
+                   else f"it needs CUDA tensors, got u on {u.device}")),
+         ("triton", triton_ok, triton_why_not)],
     )
 
 
@@ -104,14 +129,15 @@ def selective_scan_fn(
         delta_softplus: apply softplus to ``delta``.
         return_last_state: also return the final state (batch, dim, dstate), in fp32. The torch backend
             backpropagates through it; mamba-ssm's CUDA backward ignores its gradient (upstream behaviour).
-        backend: ``"auto"`` (default, or ``$MAMBAVISION_SCAN_BACKEND``), ``"cuda"`` or ``"torch"``.
+        backend: ``"auto"`` (default, or ``$MAMBAVISION_SCAN_BACKEND``), ``"cuda"``, ``"triton"`` or ``"torch"``.
         chunk_size: time steps per chunk of the torch backend (memory vs. Python overhead).
 
     Returns:
         ``out`` (batch, dim, length) in ``u``'s dtype, or ``(out, last_state)``.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    if _resolve_backend(backend, u) == "cuda":
+    choice = _resolve_backend(backend, u, B, C)
+    if choice == "cuda":
         return _mamba_ssm_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -121,7 +147,10 @@ def selective_scan_fn(
         delta = _prepare_delta(delta.to(ct), delta_bias, delta_softplus)
         A, B, C = A.to(ct), B.to(ct), C.to(ct)
         B, C = _match_groups(B, C)
-        y, last_state = _ChunkedScan.apply(u.to(ct), delta, A, B, C, chunk_size)
+        if choice == "triton":
+            y, last_state = _triton_scan()(u.to(ct), delta, A, B, C)
+        else:
+            y, last_state = _ChunkedScan.apply(u.to(ct), delta, A, B, C, chunk_size)
         out = _finish(y, u.to(ct), D, z, u.dtype)
     return (out, last_state) if return_last_state else out
 

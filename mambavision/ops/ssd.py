@@ -45,9 +45,10 @@ def ssd_backends() -> Tuple[str, ...]:
 
 def _resolve_backend(backend: Optional[str], x: torch.Tensor) -> str:
     return choose_backend(
-        "SSD", backend, _ENV_VAR, "triton", fast_ok=x.is_cuda and _triton_fn() is not None,
-        why_not=lambda: (f"mamba-ssm is not importable ({import_error(_TRITON_MODULE)})" if _triton_fn() is None
-                         else f"x is on {x.device}, not CUDA"),
+        "SSD", backend, _ENV_VAR,
+        [("triton", x.is_cuda and _triton_fn() is not None,
+          lambda: (f"mamba-ssm is not importable ({import_error(_TRITON_MODULE)})" if _triton_fn() is None
+                   else f"x is on {x.device}, not CUDA"))],
     )
 
 

@@ -1,8 +1,8 @@
 """The fast GPU backends against our PyTorch paths, one whole token mixer at a time, at full size.
 
 Each mixer runs twice on the same weights and input: once with every op forced to its PyTorch
-path, once with the compiled kernels (mamba-ssm's selective scan, causal-conv1d, mamba-ssm's
-Triton SSD). Output, input gradient and every parameter gradient are compared, in fp32 and under
+path, once with compiled kernels (mamba-ssm's selective scan and causal-conv1d, our Triton selective
+scan, mamba-ssm's Triton SSD). Output, input gradient and every parameter gradient are compared, in fp32 and under
 bf16 autocast (as in training). CUDA-only: skipped on CPU machines and where the kernel is absent.
 Run with ``-s`` to see the errors (benchmarks/gpu_session.sh does).
 """
@@ -20,20 +20,22 @@ BATCH, TOKENS, DIM = 8, 257, 384  # full-size pretraining shapes: 16x16 patches 
 ENV = {"scan": ss.BACKEND_ENV, "conv": cc.BACKEND_ENV, "ssd": ssd._ENV_VAR}
 
 
-def _fast_backends():
-    """The fast backend of each op that can run here (the others stay on torch)."""
+def _available(op, backend):
     return {
-        "scan": "cuda" if ss.mamba_ssm_available() else "torch",
-        "conv": "cuda" if cc.causal_conv1d_available() else "torch",
-        "ssd": "triton" if ssd._triton_fn() is not None else "torch",
-    }
+        ("scan", "cuda"): ss.mamba_ssm_available,
+        ("scan", "triton"): lambda: ss._triton_scan() is not None,
+        ("conv", "cuda"): cc.causal_conv1d_available,
+        ("ssd", "triton"): lambda: ssd._triton_fn() is not None,
+    }[(op, backend)]()
 
 
-# (mixer factory, the op whose kernel the comparison is about)
+# name -> (mixer factory, the fast backends it is run with; every other op stays on torch)
 MIXERS = {
-    "mv_hybrid": (lambda: MambaVisionMixer(DIM), "scan"),
-    "vim": (lambda: VimMixer(DIM), "scan"),
-    "hydra": (lambda: HydraMixer(DIM), "ssd"),
+    "mv_hybrid": (lambda: MambaVisionMixer(DIM), {"scan": "cuda"}),
+    "mv_hybrid-triton": (lambda: MambaVisionMixer(DIM), {"scan": "triton"}),
+    "vim": (lambda: VimMixer(DIM), {"scan": "cuda", "conv": "cuda"}),
+    "vim-triton": (lambda: VimMixer(DIM), {"scan": "triton"}),
+    "hydra": (lambda: HydraMixer(DIM), {"ssd": "triton"}),
 }
 
 
@@ -60,10 +62,11 @@ def _rel(a, b):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(MIXERS))
 def test_cuda_kernels_match_torch_path_for_mixer(name, dtype, monkeypatch):
-    factory, key_op = MIXERS[name]
-    fast = _fast_backends()
-    if fast[key_op] == "torch":
-        pytest.skip(f"the {key_op} kernel is not importable here")
+    factory, fast = MIXERS[name]
+    missing = [f"{op}={b}" for op, b in fast.items() if not _available(op, b)]
+    if missing:
+        pytest.skip(f"not importable here: {', '.join(missing)}")
+    fast = {op: fast.get(op, "torch") for op in ENV}
     torch.manual_seed(0)
     mixer = factory().cuda()
     x = torch.randn(BATCH, TOKENS, DIM, device="cuda")
@@ -82,7 +85,7 @@ def test_cuda_kernels_match_torch_path_for_mixer(name, dtype, monkeypatch):
     # mamba-ssm's scan is full fp32 (~1e-6); Triton's SSD matmuls run in TF32 (~1e-3). Under bf16
     # autocast the projections round to 8 mantissa bits, and the paths round at different places.
     if dtype == torch.float32:
-        tol = 5e-3 if key_op == "ssd" else 1e-4
+        tol = 5e-3 if fast["ssd"] == "triton" else 1e-4
     else:
         tol = 3e-2
     assert out_err < tol

@@ -1,0 +1,77 @@
+"""The project's Triton selective scan, against the sequential reference.
+
+On CPU the kernels run through Triton's CPU interpreter in a subprocess (TRITON_INTERPRET=1 must be
+set before triton is imported), which executes the same kernel code on NumPy; on a GPU the compiled
+kernels are compared against the PyTorch path at full-size MV_Hybrid and Vim shapes.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mambavision.ops import selective_scan as ss
+from mambavision.ops.selective_scan import selective_scan_fn
+from triton_scan_check import SHAPES, case_id, errors, inputs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+CASES = [case_id(s) for s in SHAPES] + [case_id((2, 32, 40, 4, 0), torch.bfloat16)]
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    pytest.importorskip("triton")  # a dependency of torch on Linux, so CI always has it
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "triton_scan_check.py")], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_interpreted_kernel_matches_reference(case, interpreted):
+    errs = dict(interpreted[case])
+    assert errs.pop("dtypes_kept"), "output / gradient dtypes differ from the inputs'"
+    tol = 1e-5 if "bfloat16" not in case else 2e-2  # bf16: the output is rounded to bf16 after the fp32 scan
+    if "bfloat16" in case:
+        assert errs["last"] < 1e-5  # the last state stays fp32
+    bad = {k: v for k, v in errs.items() if not v < tol}
+    assert not bad, bad
+
+
+def test_dispatch_rules(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv(ss.BACKEND_ENV, raising=False)
+    args = {k: v.detach() for k, v in inputs(1, 32, 8, 4, 0).items()}
+    calls = []
+    monkeypatch.setattr(ss, "_triton_scan", lambda: (lambda *a: calls.append(a)))
+    selective_scan_fn(**args)  # auto on CPU: the PyTorch path, the kernel is never called
+    assert not calls
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        selective_scan_fn(**args, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="time-varying B and C"):
+        selective_scan_fn(**dict(args, B=torch.randn(32, 4)), backend="triton")  # constant B: torch only
+    with pytest.raises(RuntimeError, match="fp32/bf16/fp16"):
+        selective_scan_fn(**{k: v.double() for k, v in args.items()}, backend="triton")
+    monkeypatch.setattr(ss, "_triton_scan", lambda: None)
+    with pytest.raises(RuntimeError, match="triton does not import"):
+        selective_scan_fn(**args, backend="triton")
+    with pytest.raises(ValueError, match="'cuda', 'triton', 'torch'"):
+        selective_scan_fn(**args, backend="pallas")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [(8, 384, 257, 16, 1), (8, 384, 50, 16, 1), (8, 768, 257, 16, 1)],
+                         ids=["mv_hybrid-256px", "mv_hybrid-112px", "vim-256px"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_triton_kernel_matches_torch_path(shape, dtype):
+    errs = errors(inputs(*shape, dtype=dtype, device="cuda"), backend="triton", reference="torch")
+    assert errs.pop("dtypes_kept")
+    print(f"\ntriton-vs-torch {shape} {dtype}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2  # bf16: outputs rounded to bf16; atomics reorder the sums
+    bad = {k: v for k, v in errs.items() if not v < tol}
+    assert not bad, bad
