@@ -24,6 +24,10 @@ CASES = [case_id(s) for s in SHAPES] + [case_id((2, 32, 40, 4, 0), torch.bfloat1
 @pytest.fixture(scope="module")
 def interpreted():
     pytest.importorskip("triton")  # a dependency of torch on Linux, so CI always has it
+    if torch.cuda.is_available():
+        # There the compiled kernel is compared directly (test_cuda_triton_kernel_matches_torch_path);
+        # Triton 3.6's interpreter (the GPU box's) also fails on loops over runtime scalars under numpy 2.
+        pytest.skip("CUDA present: the compiled kernel is tested instead of the interpreter")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, os.path.join(HERE, "triton_scan_check.py")], env=env, capture_output=True,
                        text=True, timeout=600)
