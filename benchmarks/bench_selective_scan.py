@@ -23,10 +23,10 @@ import torch
 
 from mambavision.ops.selective_scan import (
     DEFAULT_CHUNK_SIZE,
-    _triton_scan,
     mamba_ssm_available,
     selective_scan_fn,
     selective_scan_ref,
+    triton_scan_available,
 )
 
 BATCH, DIM, DSTATE = 8, 384, 16
@@ -163,7 +163,7 @@ def main(argv=None):
     dtype = DTYPES[args.dtype]
     impls = [] if args.skip_reference else ["reference loop"]
     impls.append("torch chunked")
-    if device.type == "cuda" and _triton_scan() is not None:
+    if device.type == "cuda" and triton_scan_available():
         impls.append("Triton (ours)")
     if device.type == "cuda" and mamba_ssm_available():
         impls.append("mamba-ssm CUDA")

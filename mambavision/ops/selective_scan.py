@@ -88,6 +88,11 @@ def _triton_scan():
     return optional_import("mambavision.ops.selective_scan_triton", "triton_selective_scan")
 
 
+def triton_scan_available() -> bool:
+    """True when the project's Triton selective scan can be imported (triton is installed)."""
+    return _triton_scan() is not None
+
+
 def _triton_interpreted() -> bool:
     # Triton's CPU interpreter, for tests; auto picks it on CPU tensors only when the user set it.
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
@@ -95,10 +100,10 @@ def _triton_interpreted() -> bool:
 
 def _resolve_backend(backend: Optional[str], u: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> str:
     triton_ok = ((u.is_cuda or _triton_interpreted()) and u.dtype != torch.float64
-                 and B.dim() > 2 and C.dim() > 2 and _triton_scan() is not None)  # CPU runs never import triton
+                 and B.dim() > 2 and C.dim() > 2 and triton_scan_available())  # CPU runs never import triton
 
     def triton_why_not():
-        if _triton_scan() is None:
+        if not triton_scan_available():
             return f"triton does not import ({import_error('mambavision.ops.selective_scan_triton')})"
         if not (u.is_cuda or _triton_interpreted()):
             return f"it needs CUDA tensors (or TRITON_INTERPRET=1), got u on {u.device}"

@@ -185,8 +185,8 @@ class TritonScan(torch.autograd.Function):
         b, d, l = u.shape
         n, groups = A.shape[1], B.shape[1]
         grid, n_chunks, block_n = _launch_shape(u, n)
-        dy = (torch.zeros_like(u) if dy is None else dy).to(torch.float32).contiguous()
-        dlast = (u.new_zeros((b, d, n)) if dlast is None else dlast).to(torch.float32).contiguous()
+        # autograd materialises an unused output's gradient as zeros, so neither is None here
+        dy, dlast = dy.to(torch.float32).contiguous(), dlast.to(torch.float32).contiguous()
         du, ddelta = torch.empty_like(u, dtype=torch.float32), torch.empty_like(u, dtype=torch.float32)
         dA = torch.zeros_like(A, dtype=torch.float32)
         dB, dC = torch.zeros_like(B, dtype=torch.float32), torch.zeros_like(C, dtype=torch.float32)

@@ -23,7 +23,7 @@ ENV = {"scan": ss.BACKEND_ENV, "conv": cc.BACKEND_ENV, "ssd": ssd._ENV_VAR}
 def _available(op, backend):
     return {
         ("scan", "cuda"): ss.mamba_ssm_available,
-        ("scan", "triton"): lambda: ss._triton_scan() is not None,
+        ("scan", "triton"): ss.triton_scan_available,
         ("conv", "cuda"): cc.causal_conv1d_available,
         ("ssd", "triton"): lambda: ssd._triton_fn() is not None,
     }[(op, backend)]()
