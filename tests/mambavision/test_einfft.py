@@ -1,0 +1,73 @@
+"""EinFFT's two implementations compute one function: the DFT-as-matmul fast path (default) and
+the release's torch.fft formulation (``impl="fft"``)."""
+import pytest
+import torch
+
+from mambavision.layers import EinFFT
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _pair(C, nb, dtype, scale=0.1, seed=0):
+    torch.manual_seed(seed)
+    m = EinFFT(C, num_blocks=nb).to(dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, scale)  # large enough that relu / softshrink are active on both sides
+    return m
+
+
+def _run(m, impl, x):
+    m.impl = impl
+    y = m(x)
+    grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), [x, *m.parameters()])
+    return y, grads
+
+
+# MV_Hybrid's token counts (257 at 256 px, 50 at 112 px), even and odd, and other block counts.
+@pytest.mark.parametrize("L,C,nb", [(257, 64, 4), (50, 64, 4), (16, 32, 2), (9, 48, 3), (1, 32, 4)])
+def test_dft_matches_fft_in_float64_forward_and_backward(L, C, nb):
+    m = _pair(C, nb, torch.float64)
+    x = torch.randn(3, L, C, dtype=torch.float64, requires_grad=True)
+    y0, g0 = _run(m, "fft", x)
+    y1, g1 = _run(m, "dft", x)
+    assert _rel(y1, y0) < 1e-12
+    for a, b in zip(g1, g0):
+        assert _rel(a, b) < 1e-12
+
+
+def test_dft_matches_fft_in_float32_to_1e5():
+    m = _pair(384, 4, torch.float32, scale=0.02)  # the init scale, the full width, 257 tokens
+    x = torch.randn(2, 257, 384, requires_grad=True)
+    y0, g0 = _run(m, "fft", x)
+    y1, g1 = _run(m, "dft", x)
+    assert _rel(y1, y0) < 1e-5
+    assert max(_rel(a, b) for a, b in zip(g1, g0)) < 1e-5
+
+
+def test_dft_runs_in_bf16_under_autocast_close_to_fp32():
+    m = _pair(64, 4, torch.float32)
+    x = torch.randn(2, 50, 64)
+    m.impl = "fft"
+    ref = m(x)
+    m.impl = "dft"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16  # no fp32 round trip: the products run in the autocast dtype
+    assert _rel(y.float(), ref) < 2e-2
+
+
+def test_output_layout_and_state_dict_are_impl_independent():
+    m = _pair(32, 4, torch.float32)
+    keys = set(m.state_dict())
+    assert keys == {"complex_weight_1", "complex_weight_2", "complex_bias_1", "complex_bias_2"}
+    y = m(torch.randn(2, 5, 32))
+    assert y.shape == (2, 5, 32) and set(m.state_dict()) == keys  # cached DFT matrices are not buffers
+
+
+def test_unknown_impl_is_named():
+    m = EinFFT(32, 4, impl="fast")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        m(torch.randn(1, 4, 32))
