@@ -80,6 +80,11 @@ def validate_config(cfg: DictConfig) -> None:
         cfg.train.centering = "softmax_center"
     _choice(cfg.train.centering, CENTERINGS, "train.centering")
     _choice(cfg.optim.scaling_rule, SCALING_RULES, "optim.scaling_rule")
+    _choice(cfg.compute_precision.autocast_dtype, DTYPES, "compute_precision.autocast_dtype")
+    if not isinstance(cfg.compute_precision.tf32, bool):
+        raise ConfigError(f"compute_precision.tf32 must be true or false, got {cfg.compute_precision.tf32!r}")
+    if not isinstance(cfg.train.peak_tflops, (int, float)) or cfg.train.peak_tflops < 0:
+        raise ConfigError(f"train.peak_tflops must be a number >= 0, got {cfg.train.peak_tflops!r}")
     for role in ("student", "teacher"):
         for mod in MODULES:
             c = cfg.compute_precision[role][mod]

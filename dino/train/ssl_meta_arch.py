@@ -17,6 +17,7 @@ from dino import fsdp
 from dino.configs.config import as_container
 from dino.heads import DINOHead
 from dino.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from dino.utils import precision
 
 logger = logging.getLogger("dino")
 
@@ -138,7 +139,13 @@ class SSLMetaArch(nn.Module):
                 masked_after_head = after[n_cls : n_cls + n_masked]
         else:
             cls_after_head = self.teacher.dino_head(cls)
+        return cls_after_head, masked_after_head
 
+    @torch.no_grad()
+    def _center_teacher(self, cls_after_head, masked_after_head, n_global, teacher_temp, n_masked_tensor):
+        # fp32 whatever the forward ran in: softmax over 65k prototypes and Sinkhorn-Knopp's exp.
+        cls_after_head = cls_after_head.float()
+        masked_after_head = masked_after_head.float() if masked_after_head is not None else None
         ibot_targets = None
         if self.cfg.train.centering == "softmax_center":
             dino_targets = self.dino_loss.softmax_center_teacher(cls_after_head, teacher_temp=teacher_temp)
@@ -160,7 +167,8 @@ class SSLMetaArch(nn.Module):
     def forward_backward(self, images: Dict, teacher_temp: float) -> Dict[str, torch.Tensor]:
         """One DINOv2 step on a collated batch: losses, backward (scaled under fp16). Returns the
         detached loss terms for display (``dino_local_crops_loss``, ``dino_global_crops_loss``,
-        ``koleo_loss``, ``ibot_loss``)."""
+        ``koleo_loss``, ``ibot_loss``). The forward passes run under ``compute_precision.autocast_dtype``,
+        the centering and the losses in fp32."""
         n_global = 2
         n_local = self.cfg.crops.local_crops_number
         global_crops = self._to_device(images["collated_global_crops"])
@@ -172,15 +180,27 @@ class SSLMetaArch(nn.Module):
         upperbound = int(images["upperbound"])
         masks_weight = self._to_device(images["masks_weight"])
 
-        n_local_terms = max(n_local * n_global, 1)
-        n_global_terms = (n_global - 1) * n_global
-        n_terms = n_local_terms + n_global_terms
-
-        dino_targets, ibot_targets = self._teacher_targets(
-            global_crops, n_global, teacher_temp, mask_indices, n_masked, n_masked_tensor, upperbound
-        )
+        amp = precision.autocast(self.cfg.compute_precision.autocast_dtype, self.device)
+        with amp:
+            teacher_out = self._teacher_targets(
+                global_crops, n_global, teacher_temp, mask_indices, n_masked, n_masked_tensor, upperbound
+            )
+        with precision.full_precision(self.device):
+            dino_targets, ibot_targets = self._center_teacher(*teacher_out, n_global, teacher_temp, n_masked_tensor)
         fsdp.reshard(self.teacher.values())  # the EMA must see the sharded teacher parameters
 
+        with amp:
+            student_out = self._student_forward(global_crops, local_crops, masks, mask_indices, n_masked, upperbound)
+        with precision.full_precision(self.device):
+            total, loss_dict = self._losses(*student_out, dino_targets, ibot_targets, masks, n_masked, masks_weight)
+        if self.fp16_scaler is not None:
+            self.fp16_scaler.scale(total).backward()
+        else:
+            total.backward()
+        return {k: v.detach() for k, v in loss_dict.items()}
+
+    def _student_forward(self, global_crops, local_crops, masks, mask_indices, n_masked, upperbound):
+        """Student backbone and heads; returns (local, global and masked-patch head outputs, global CLS)."""
         if local_crops is not None:
             s_global, s_local = self.student.backbone([global_crops, local_crops], masks=[masks, None], is_training=True)
         else:
@@ -208,7 +228,16 @@ class SSLMetaArch(nn.Module):
         global_after_head = head_out.pop(0)
         if self.do_ibot and not self.ibot_separate_head:
             masked_student = head_out.pop(0)[:n_masked]
+        return local_after_head, global_after_head, masked_student, global_cls
 
+    def _losses(self, local_after_head, global_after_head, masked_student, global_cls,
+                dino_targets, ibot_targets, masks, n_masked, masks_weight):
+        """The weighted sum of the DINO, KoLeo and iBOT terms, in fp32, and the terms for display."""
+        n_global, n_local = 2, self.cfg.crops.local_crops_number
+        n_terms = max(n_local * n_global, 1) + (n_global - 1) * n_global
+        as32 = lambda t: t.float() if t is not None else None  # noqa: E731
+        local_after_head, global_after_head = as32(local_after_head), as32(global_after_head)
+        masked_student, global_cls = as32(masked_student), as32(global_cls)
         loss_dict: Dict[str, torch.Tensor] = {}
         total = global_cls.new_zeros(())
         if self.do_dino:
@@ -231,12 +260,7 @@ class SSLMetaArch(nn.Module):
             ) * 2 / n_global
             loss_dict["ibot_loss"] = ibot / 2
             total = total + self.cfg.ibot.loss_weight * ibot
-
-        if self.fp16_scaler is not None:
-            self.fp16_scaler.scale(total).backward()
-        else:
-            total.backward()
-        return {k: v.detach() for k, v in loss_dict.items()}
+        return total, loss_dict
 
     # -- teacher -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -35,6 +35,8 @@ from dino.utils.checkpoint import (
     save_teacher_checkpoint,
 )
 from dino.utils.logging import MetricsWriter
+from dino.utils.precision import configure_tf32
+from dino.utils.throughput import Throughput, count_flops, measure_peak_tflops
 from dino.utils.schedules import CosineScheduler
 
 logger = logging.getLogger("dino")
@@ -209,6 +211,8 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
         _load_initial_weights(model, cfg.MODEL.WEIGHTS)
 
     writer = MetricsWriter(out_dir, enabled=distributed.is_main_process())
+    speed = Throughput(cfg.train.batch_size_per_gpu, distributed.get_global_size(),
+                       cfg.train.peak_tflops or measure_peak_tflops(device))
     writer.truncate_from(start_iter)
     data_loader = build_data_loader(cfg, start_iter, device)
     if rng_state is not None:
@@ -230,7 +234,11 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
             apply_optim_scheduler(optimizer, lr, wd, last_layer_lr)
 
             optimizer.zero_grad(set_to_none=True)
-            loss_dict = model.forward_backward(data, teacher_temp=teacher_temp)
+            if iteration == start_iter:  # FLOPs of the real step, counted once
+                loss_dict, flops = count_flops(lambda: model.forward_backward(data, teacher_temp=teacher_temp))
+                speed.set_step_flops(flops)
+            else:
+                loss_dict = model.forward_backward(data, teacher_temp=teacher_temp)
 
             # Mean losses over ranks and the pre-emption flag, in one message.
             names = sorted(loss_dict)
@@ -270,7 +278,7 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
                           total_loss=total_loss, **losses)
             writer.update(**values)
             if (iteration + 1) % cfg.train.log_freq == 0 or iteration == start_iter or iteration + 1 == max_iter or stop:
-                writer.write(iteration, max_iter, values)
+                writer.write(iteration, max_iter, {**values, **speed.values(writer.iter_time)})
 
             if cfg.evaluation.eval_period_iterations > 0 and (iteration + 1) % cfg.evaluation.eval_period_iterations == 0:
                 do_test(cfg, model, iteration)
@@ -296,6 +304,7 @@ def main(argv=None) -> Dict:
     args = get_args_parser().parse_args(argv)
     cfg = setup(args)
     logger.info("config:\n%s", config_to_yaml(cfg))
+    configure_tf32(cfg.compute_precision.tf32)
     # Same initial weights on every rank; rank-specific streams afterwards (DINOv2: seed + rank).
     distributed.fix_random_seeds(cfg.train.seed)
     model = SSLMetaArch(cfg)

@@ -111,6 +111,11 @@ class MetricsWriter:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
+    @property
+    def iter_time(self) -> float:
+        """Median seconds per iteration over the window (nan before two ticks)."""
+        return self._iter_time.median if self._iter_time.count else float("nan")
+
     def tick(self) -> float:
         """Mark the end of an iteration; returns its wall time (s)."""
         now = time.perf_counter()
@@ -142,6 +147,10 @@ class MetricsWriter:
             secs = self._iter_time.global_avg * (max_iter - iteration - 1)
             eta = f"eta {datetime.timedelta(seconds=int(secs))}  it {self._iter_time.median:.3f}s  "
         shown = "  ".join(f"{k} {self.meters[k]}" for k in ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "lr") if k in self.meters)
+        if "images_per_sec" in values:
+            shown += f"  img/s {values['images_per_sec']:.1f}"
+        if "mfu" in values:
+            shown += f"  mfu {100 * values['mfu']:.1f}%"
         logger.info("Training [%d/%d]  %s%s", iteration, max_iter, eta, shown)
 
     def close(self) -> None:
