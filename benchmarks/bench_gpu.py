@@ -1,0 +1,446 @@
+"""Pretraining speed on one GPU, in one process: the tables of docs/performance.md.
+
+Sections (``--sections``, default all):
+
+* ``backbones``: images/s of every backbone and of timm's ViT-S/16 (the reference a user would pick),
+  bf16 autocast, train = ``forward_features`` + backward, at the shapes of DINOv2 pretraining.
+  Variants in brackets: ``mv_hybrid[einfft=fft]`` (the release's EinFFT), ``mv_hybrid[scan=triton]``.
+* ``scan``: the selective scan alone, fwd + bwd, per backend (mamba-ssm CUDA, ours in Triton, chunked
+  PyTorch) at MV_Hybrid's and Vim's shapes, fp32 and bf16.
+* ``step``: the real DINOv2 step (``SSLMetaArch.forward_backward``, gradient clipping, AdamW, teacher
+  EMA) on the paper config per backbone and precision mode, with the FLOP count and MFU.
+* ``loader``: the paper config's data loader alone (2 x 256 + 8 x 112 crops), per worker count.
+* ``profile``: where the time of an mv_hybrid train step goes (torch.profiler), per EinFFT impl.
+
+Results go to ``<out>/gpu_<date>_<card>_<commit>.{md,json}``.
+
+    python benchmarks/bench_gpu.py                                    # everything
+    python benchmarks/bench_gpu.py --sections step --archs mv_hybrid --precisions tf32,bf16
+    python benchmarks/bench_gpu.py --device cpu --tiny --sections backbones,step   # smoke run
+"""
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import mambavision  # noqa: E402
+from bench_backbones import CASES, measure  # noqa: E402
+from mambavision.layers import EinFFT  # noqa: E402
+
+SECTIONS = ("backbones", "scan", "step", "loader", "profile")
+BACKBONES = ("timm:vit_small_patch16_224,vit_12,mv_hybrid,mv_hybrid[einfft=fft],mv_hybrid[scan=triton],"
+             "vit_24,vim_einfft,hydra_einfft,hydra_hybrid")
+# (label, batch, dim, length, dstate): MV_Hybrid at 256 and 112 px, Vim (d_inner 768) at 256 px.
+SCAN_SHAPES = [("MV_Hybrid 256 px", 64, 384, 257, 16), ("MV_Hybrid 112 px", 512, 384, 50, 16),
+               ("Vim 256 px", 64, 768, 257, 16)]
+# Precision modes of the trainer, as config overrides.
+PRECISIONS = {
+    "fp32": ["compute_precision.tf32=false"],  # the trainer as shipped before TF32 was on
+    "tf32": ["compute_precision.tf32=true"],  # the default (the release's setting)
+    "bf16": ["compute_precision.tf32=true", "compute_precision.autocast_dtype=bf16"],
+    "bf16+bf16-params": ["compute_precision.tf32=true", "compute_precision.autocast_dtype=bf16"] + [
+        f"compute_precision.{r}.{m}.mixed_precision.{k}={v}"
+        for r in ("student", "teacher") for m in ("backbone", "dino_head", "ibot_head")
+        for k, v in (("param_dtype", "bf16"), ("reduce_dtype", "fp32"))],
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def scan_backend(name):
+    old = os.environ.get("MAMBAVISION_SCAN_BACKEND")
+    if name:
+        os.environ["MAMBAVISION_SCAN_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MAMBAVISION_SCAN_BACKEND", None)
+        else:
+            os.environ["MAMBAVISION_SCAN_BACKEND"] = old
+
+
+class TimmAsBackbone(nn.Module):
+    """timm ViT behind our contract's ``forward_features`` dict (CLS first, then patches)."""
+
+    def __init__(self, name, img_size):
+        super().__init__()
+        import timm
+
+        self.m = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size, dynamic_img_size=True)
+
+    def forward_features(self, x):
+        t = self.m.forward_features(x)
+        return {"x_norm_clstoken": t[:, 0], "x_norm_patchtokens": t[:, 1:]}
+
+    def forward(self, x):
+        return self.m(x)
+
+
+def build_backbone(spec, tiny):
+    """``name`` or ``name[key=value,...]``; keys: einfft (impl), scan (backend). Returns (model, scan)."""
+    m = re.fullmatch(r"([\w:]+)(?:\[(.*)\])?", spec)
+    name, opts = m.group(1), dict(kv.split("=") for kv in (m.group(2) or "").split(",") if kv)
+    if name.startswith("timm:"):
+        kw = dict(embed_dim=64, depth=4, num_heads=2) if tiny else {}
+        model = TimmAsBackbone(name[5:], 256)
+        if kw:
+            import timm
+
+            model.m = timm.create_model(name[5:], num_classes=0, img_size=256, dynamic_img_size=True, **kw)
+    else:
+        model = mambavision.create_model(name, **(dict(embed_dim=64, depth=4, num_heads=2) if tiny else {}))
+    if "einfft" in opts:
+        for mod in model.modules():
+            if isinstance(mod, EinFFT):
+                mod.impl = opts["einfft"]
+    return model, opts.get("scan")
+
+
+# -- sections ------------------------------------------------------------------------------------
+def bench_backbones(args, device, report):
+    cases = [(n, s, max(1, b // 64) if args.tiny else b, t) for n, s, b, t in CASES]
+    specs = args.backbones.split(",")
+    rows = {}
+    for spec in specs:
+        torch.manual_seed(0)
+        model, scan = build_backbone(spec, args.tiny)
+        model = model.to(device)
+        with scan_backend(scan):
+            rows[spec] = {c[0]: measure(model, c[1], c[2], c[3], device, torch.bfloat16, args.steps, args.warmup)
+                          for c in cases}
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"  {spec}: " + ", ".join(f"{k} {v:.0f}" for k, v in rows[spec].items()), flush=True)
+    base = "vit_12" if "vit_12" in rows else specs[0]
+    lines = [f"Backbones, images/s, bf16 autocast (train = forward_features + backward); (x) = ratio to {base}", "",
+             "| model | " + " | ".join(f"{c[0]} (bs {c[2]})" for c in cases) + " |", "|---|" + "---|" * len(cases)]
+    for spec in specs:
+        lines.append(f"| {spec} | " + " | ".join(
+            f"{rows[spec][c[0]]:.0f} ({rows[spec][c[0]] / rows[base][c[0]]:.2f}x)" for c in cases) + " |")
+    report.add("backbones", rows, lines)
+
+
+def _scan_inputs(b, d, l, n, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (scale * torch.randn(*shape, generator=g)).to(device=device, dtype=dt).requires_grad_()
+
+    return dict(u=rnd(b, d, l), delta=rnd(b, d, l, scale=0.5),
+                A=(-torch.arange(1, n + 1, dtype=torch.float32).repeat(d, 1)).to(device).requires_grad_(),
+                B=rnd(b, n, l), C=rnd(b, n, l), D=rnd(d, dt=torch.float32),
+                delta_bias=rnd(d, scale=0.1, dt=torch.float32))
+
+
+def _time_ms(fn, device, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps * 1e3
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return sorted(times)[len(times) // 2]
+
+
+def bench_scan(args, device, report):
+    from mambavision.ops.selective_scan import mamba_ssm_available, selective_scan_fn, triton_scan_available
+
+    backends = [("mamba-ssm CUDA", "cuda", device.type == "cuda" and mamba_ssm_available()),
+                ("Triton (ours)", "triton", device.type == "cuda" and triton_scan_available()),
+                ("PyTorch chunked", "torch", True)]
+    backends = [(label, be) for label, be, ok in backends if ok]
+    shapes = [(lab, max(1, b // 32), d // 8, l, n) for lab, b, d, l, n in SCAN_SHAPES] if args.tiny else SCAN_SHAPES
+    rows = {}
+    for dtn, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for lab, b, d, l, n in shapes:
+            inp = _scan_inputs(b, d, l, n, device, dt)
+            for label, be in backends:
+                def step():
+                    y = selective_scan_fn(**inp, delta_softplus=True, backend=be)
+                    y.backward(torch.ones_like(y))
+                rows[f"{lab} | {dtn} | {label}"] = _time_ms(step, device, 3, 5 if args.tiny else 20)
+                for t in inp.values():
+                    t.grad = None
+    base = backends[0][0]
+    lines = [f"Selective scan, fwd + bwd, median ms (B, D, L, N); (x) = time relative to {base}", "",
+             "| shape | dtype | " + " | ".join(b[0] for b in backends) + " |", "|---|---|" + "---|" * len(backends)]
+    for dtn in ("fp32", "bf16"):
+        for lab, b, d, l, n in shapes:
+            ref = rows[f"{lab} | {dtn} | {base}"]
+            cells = [f"{rows[f'{lab} | {dtn} | {label}']:.3f} ({rows[f'{lab} | {dtn} | {label}'] / ref:.2f}x)"
+                     for label, _ in backends]
+            lines.append(f"| {lab}: {b}, {d}, {l}, {n} | {dtn} | " + " | ".join(cells) + " |")
+    report.add("scan", rows, lines)
+
+
+def _synthetic_batch(cfg, seed=0):
+    from dino.data.collate import collate_data_and_cast
+    from dino.data.masking import MaskingGenerator
+
+    g = torch.Generator().manual_seed(seed)
+    G, Lc, nl = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
+    samples = [({"global_crops": [torch.randn(3, G, G, generator=g) for _ in range(2)],
+                 "local_crops": [torch.randn(3, Lc, Lc, generator=g) for _ in range(max(nl, 1))]}, ())
+               for _ in range(cfg.train.batch_size_per_gpu)]
+    grid = G // cfg.student.patch_size
+    return collate_data_and_cast(samples, mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
+                                 mask_probability=cfg.ibot.mask_sample_probability, dtype=torch.float32,
+                                 n_tokens=grid * grid,
+                                 mask_generator=MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid))
+
+
+def _tiny_opts():
+    return ["student.model_kwargs.embed_dim=64", "student.model_kwargs.depth=4", "student.model_kwargs.num_heads=2",
+            "crops.global_crops_size=64", "crops.local_crops_size=32", "crops.local_crops_number=2",
+            "train.batch_size_per_gpu=4", "dino.head_n_prototypes=256", "ibot.head_n_prototypes=256",
+            "dino.head_hidden_dim=128", "ibot.head_hidden_dim=128"]
+
+
+def bench_step(args, device, report, peak):
+    from dino import distributed, fsdp
+    from dino.configs import build_config
+    from dino.train.ssl_meta_arch import SSLMetaArch
+    from dino.train.train import build_optimizer
+    from dino.utils.precision import configure_tf32
+    from dino.utils.throughput import count_flops
+
+    distributed.enable(use_cuda=device.type == "cuda")  # one-rank FSDP2 on CUDA, as the trainer runs
+    rows = {}
+    for arch in args.archs.split(","):
+        for mode in args.precisions.split(","):
+            opts = PRECISIONS[mode] + [f"train.batch_size_per_gpu={args.step_batch}"]
+            cfg = build_config(os.path.join(REPO, "configs", "train", f"{arch}.yaml"),
+                               opts + (_tiny_opts() if args.tiny else []))
+            configure_tf32(cfg.compute_precision.tf32)
+            torch.manual_seed(0)
+            model = SSLMetaArch(cfg)
+            model.prepare_for_distributed_training(device)
+            model.train()
+            opt = build_optimizer(cfg, model.get_params_groups())
+            for g in opt.param_groups:
+                g["lr"], g["weight_decay"] = 1e-4, 0.04
+            batch = _synthetic_batch(cfg)
+            if device.type == "cuda":
+                batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+            losses = []
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                ld = model.forward_backward(batch, teacher_temp=0.06)
+                for m in model.student.values():
+                    fsdp.clip_grad_norm_(m, 3.0)
+                opt.step()
+                model.update_teacher(0.994)
+                losses.append(sum(v.float() for v in ld.values()))
+
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _, flops = count_flops(step)
+            ms = _time_ms(step, device, args.warmup, args.steps)
+            ips = cfg.train.batch_size_per_gpu / (ms / 1e3)
+            fpi = flops / cfg.train.batch_size_per_gpu
+            rows[f"{arch} | {mode}"] = dict(
+                s_per_it=ms / 1e3, images_per_sec=ips, gflop_per_image=fpi / 1e9,
+                tflops=fpi * ips / 1e12, mfu=(fpi * ips / 1e12 / peak) if peak else None,
+                peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                finite=bool(torch.isfinite(torch.stack(losses)).all()))
+            print(f"  {arch} {mode}: {rows[f'{arch} | {mode}']}", flush=True)
+            del model, opt
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    lines = [f"DINOv2 step, paper config, batch {args.step_batch} per GPU, one GPU (one-rank FSDP2), synthetic "
+             f"pre-collated batch (no loader); peak {peak or float('nan'):.0f} TFLOP/s (bf16 matmul, this device)", "",
+             "| arch | precision | s/it | images/s | GFLOP/image | TFLOP/s | MFU | peak mem GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for k, r in rows.items():
+        arch, mode = k.split(" | ")
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        lines.append(f"| {arch} | {mode} | {r['s_per_it']:.3f} | {r['images_per_sec']:.0f} | "
+                     f"{r['gflop_per_image']:.0f} | {r['tflops']:.1f} | {mfu} | {mem} |")
+    report.add("step", rows, lines)
+
+
+def bench_loader(args, device, report):
+    from dino.configs import build_config
+    from dino.train.train import build_data_loader
+
+    rows = {}
+    for workers in [int(w) for w in args.workers.split(",")]:
+        opts = [f"train.num_workers={workers}", "train.dataset_path=Synthetic:length=100000:image_size=256",
+                f"train.batch_size_per_gpu={args.step_batch}"] + (_tiny_opts() if args.tiny else [])
+        cfg = build_config(os.path.join(REPO, "configs", "train", "mv_hybrid.yaml"), opts)
+        it = iter(build_data_loader(cfg, 0, device))
+        n_warm, n = (2, 4) if args.tiny else (max(5, workers), 40)
+        for _ in range(n_warm):
+            next(it)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            next(it)
+        rows[f"{workers} workers"] = cfg.train.batch_size_per_gpu * n / (time.perf_counter() - t0)
+        del it
+        print(f"  loader {workers} workers: {rows[f'{workers} workers']:.0f} images/s", flush=True)
+    lines = [f"Data loader alone, paper config (Synthetic 256-px tissue, 2 x 256 + 8 x 112 crops, batch {args.step_batch}), "
+             f"{os.cpu_count()} CPU cores", "", "| workers | images/s |", "|---|---|"]
+    lines += [f"| {k.split()[0]} | {v:.0f} |" for k, v in rows.items()]
+    report.add("loader", rows, lines)
+
+
+def _category(name):
+    n = name.lower()
+    for cat, keys in (("FFT (cuFFT)", ("fft", "bluestein")), ("selective scan", ("selective_scan", "scan_fwd", "scan_bwd", "_scan")),
+                      ("matmul (GEMM)", ("gemm", "sm90", "cutlass", "ampere", "mm_", "matmul", "xmma", "nvjet")),
+                      ("attention", ("flash", "fmha", "attention", "efficient")),
+                      ("copy / cast", ("copy", "cast", "convert")),
+                      ("norm", ("norm",)), ("conv1d", ("conv",))):
+        if any(k in n for k in keys):
+            return cat
+    return "elementwise / other"
+
+
+def bench_profile(args, device, report):
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type != "cuda":
+        print("  profile: CUDA only, skipped")
+        return
+    rows, lines = {}, []
+    batch = 8 if args.tiny else 64
+    x = torch.randn(batch, 3, 256, 256, device=device)
+    for impl in ("fft", "dft"):
+        model, _ = build_backbone(f"mv_hybrid[einfft={impl}]", args.tiny)
+        model = model.to(device).train()
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model.forward_features(x)
+                (out["x_norm_clstoken"].float().mean() + out["x_norm_patchtokens"].float().mean()).backward()
+
+        for _ in range(3):
+            step()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            sync(device)
+        cats = {}
+        total = 0.0
+        for ev in prof.key_averages():
+            t = getattr(ev, "self_device_time_total", None)
+            if t is None:
+                t = getattr(ev, "self_cuda_time_total", 0.0)
+            if t <= 0 or ev.key.startswith("aten::") or ev.key.startswith("cuda"):
+                continue  # kernels only (CPU-side ops also carry device time totals)
+            cats[_category(ev.key)] = cats.get(_category(ev.key), 0.0) + t
+            total += t
+        rows[impl] = {"ms_per_step": total / 3 / 1e3, **{k: v / total for k, v in cats.items()}}
+        top = sorted(((getattr(e, "self_device_time_total", 0.0), e.key) for e in prof.key_averages()
+                      if not e.key.startswith("aten::")), reverse=True)[:8]
+        rows[impl]["top_kernels"] = [(k[:90], t / 3 / 1e3) for t, k in top]
+        del model
+    cats = sorted({c for r in rows.values() for c in r if c not in ("ms_per_step", "top_kernels")})
+    lines = [f"mv_hybrid train step (forward_features + backward, bs {batch}, 256 px, bf16 autocast): GPU kernel time "
+             "by category (torch.profiler)", "", "| category | " + " | ".join(f"EinFFT {i}" for i in rows) + " |",
+             "|---|" + "---|" * len(rows)]
+    lines += [f"| {c} | " + " | ".join(f"{100 * r.get(c, 0):.1f}%" for r in rows.values()) + " |" for c in cats]
+    lines.append("| **kernel ms / step** | " + " | ".join(f"{r['ms_per_step']:.1f}" for r in rows.values()) + " |")
+    for impl, r in rows.items():
+        lines += ["", f"Top kernels, EinFFT {impl} (ms / step):"] + [f"- {t:.2f} ms  `{k}`" for k, t in r["top_kernels"]]
+    report.add("profile", rows, lines)
+
+
+class Report:
+    def __init__(self):
+        self.data, self.lines = {}, []
+
+    def add(self, name, rows, lines):
+        self.data[name] = rows
+        self.lines += ["", f"## {name}", ""] + lines
+        print("\n".join(["", *lines]), flush=True)
+
+
+def _commit():
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backbones", default=BACKBONES)
+    p.add_argument("--archs", default="mv_hybrid,vit_12", help="backbones for the step section")
+    p.add_argument("--precisions", default=",".join(PRECISIONS), help=f"subset of {list(PRECISIONS)}")
+    p.add_argument("--step-batch", type=int, default=64, help="batch per GPU for step and loader (paper: 64)")
+    p.add_argument("--workers", default="8,15", help="loader worker counts")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--tiny", action="store_true", help="tiny models and batches (CPU smoke run)")
+    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    wanted = args.sections.split(",")
+    bad = [s for s in wanted if s not in SECTIONS]
+    if bad:
+        p.error(f"unknown sections {bad}; choose from {SECTIONS}")
+    from dino.utils.throughput import measure_peak_tflops
+
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = measure_peak_tflops(device)
+    report = Report()
+    head = (f"# GPU benchmark: {card}, torch {torch.__version__}, commit {_commit()}, "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    head += f"\n\nbf16 matmul peak (8192^3, this device): {peak:.0f} TFLOP/s" if peak else ""
+    print(head, flush=True)
+    report.lines.append(head)
+    for s in SECTIONS:
+        if s in wanted:
+            print(f"\n[{s}]", flush=True)
+            if s == "step":
+                bench_step(args, device, report, peak)
+            else:
+                globals()[f"bench_{s}"](args, device, report)
+    os.makedirs(args.out, exist_ok=True)
+    stem = f"gpu_{datetime.date.today():%Y%m%d}_{re.sub(r'[^A-Za-z0-9]+', '-', card)}_{_commit()}"
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
+        f.write("\n".join(report.lines) + "\n")
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
+        json.dump({"card": card, "torch": torch.__version__, "commit": _commit(), "peak_tflops": peak,
+                   "sections": report.data}, f, indent=1, default=str)
+    print(f"\nsaved {os.path.join(args.out, stem)}.{{md,json}}")
+
+
+if __name__ == "__main__":
+    main()
