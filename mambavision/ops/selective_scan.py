@@ -11,7 +11,8 @@ then gates ``out = y * silu(z)`` when ``z`` is given. ``delta`` is first shifted
 
 1. mamba-ssm's CUDA kernel, when ``mamba_ssm`` imports and the input is on CUDA;
 2. the project's Triton kernel (:mod:`.selective_scan_triton`) on CUDA without mamba-ssm, for
-   time-varying B and C (every model here) and fp32/bf16/fp16 inputs;
+   time-varying B and C (every model here) and fp32/bf16/fp16 inputs; like mamba-ssm's it fuses the
+   delta bias, softplus, D and the gate, and reads the inputs in their own dtype;
 3. otherwise a chunked pure-PyTorch scan (:class:`_ChunkedScan`) whose backward recomputes
    each chunk, so memory grows with ``B*D*N*chunk_size`` rather than ``B*D*N*L``.
 
@@ -146,16 +147,17 @@ def selective_scan_fn(
         return _mamba_ssm_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    ct = _compute_dtype(u)
     # The scan decides its own precision; autocast must not push its products to bf16.
     with torch.autocast(u.device.type, enabled=False):
+        if choice == "triton":  # fused: bias, softplus, D and the gate in the kernel, inputs in their dtype
+            B, C = _match_groups(B, C)
+            out, last_state = _triton_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+            return (out, last_state) if return_last_state else out
+        ct = _compute_dtype(u)
         delta = _prepare_delta(delta.to(ct), delta_bias, delta_softplus)
         A, B, C = A.to(ct), B.to(ct), C.to(ct)
         B, C = _match_groups(B, C)
-        if choice == "triton":
-            y, last_state = _triton_scan()(u.to(ct), delta, A, B, C)
-        else:
-            y, last_state = _ChunkedScan.apply(u.to(ct), delta, A, B, C, chunk_size)
+        y, last_state = _ChunkedScan.apply(u.to(ct), delta, A, B, C, chunk_size)
         out = _finish(y, u.to(ct), D, z, u.dtype)
     return (out, last_state) if return_last_state else out
 

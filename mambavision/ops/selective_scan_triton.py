@@ -2,22 +2,27 @@
 (mamba-ssm's CUDA extension -> this kernel -> the chunked PyTorch scan), for GPUs where mamba-ssm
 does not build.
 
-It computes only the core recurrence, as :class:`~mambavision.ops.selective_scan._ChunkedScan` does,
+It computes the whole of mamba-ssm's ``selective_scan_fn`` in one pass, as mamba-ssm's kernel does:
 
-    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t,      y_t = <C_t, h_t>,
+    delta = softplus(delta + delta_bias)
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t,      y_t = <C_t, h_t> + D * u_t,
+    out = y * silu(z)
 
-and returns ``(y, h_L)``; the delta bias and softplus, the ``D`` skip and the ``silu(z)`` gate stay in
-PyTorch around it (autograd differentiates them). One program owns one batch element and a block of
-channels with all their states, and walks the sequence.
+and returns ``(out, h_L)``. One program owns one batch element and ``BD`` channels, and walks the
+sequence in chunks of ``T`` steps. Within a chunk the recurrence is parallel in time: for each state
+index the pairs ``(exp(delta A), delta B u)`` are combined with ``tl.associative_scan`` (the affine
+maps compose), and the state entering the chunk is added through the cumulative decay. So the
+per-step latency of a sequential loop is gone, and every load is a coalesced [BD, T] tile.
 
-Forward stores the state at every chunk start. Backward walks the chunks from the end: it recomputes
-one chunk's states into a small per-program scratch buffer, then runs the adjoint recurrence
+Forward stores the state at every chunk start (B*D*N*L/T floats). Backward walks the chunks from the
+end: it recomputes the chunk's states from that start state, runs the adjoint recurrence
 
     g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}
 
-backwards through the chunk, so memory grows with ``B*D*N*(L/chunk + chunk)`` rather than
-``B*D*N*L``. The gradients of B and C are sums over the channels of a group and of A over the batch:
-they are accumulated with fp32 atomics, so they are not bit-reproducible from run to run.
+as a reverse scan, and forms every gradient from ``h`` and ``g`` in registers. The decay's gradient
+uses ``exp(delta_t A) h_{t-1} = h_t - delta_t B_t u_t``, so no shifted state is needed. The gradients
+of B and C are sums over the channels of a group and of A, D and delta_bias over the batch: they are
+accumulated with fp32 atomics, so they are not bit-reproducible from run to run.
 
 Needs ``triton``. With ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run on
 CPU tensors through Triton's interpreter, which is how the CPU test suite checks them.
@@ -26,181 +31,256 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 32  # time steps between stored states (memory vs. recomputation)
-BLOCK_D = 32  # channels per program
+CHUNK = 64  # time steps per chunk: a power of two (the scan's width); 257 tokens -> 5 chunks
+BLOCK_D = 16  # channels per program (at most; it must divide the channels of one B/C group)
+
+
+@triton.jit
+def _affine(a1, b1, a2, b2):
+    # Composition of h -> a1 h + b1, then h -> a2 h + b2.
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _softplus(x):
+    # torch's softplus (threshold 20) with an accurate log1p(e) for small e = exp(-|x|).
+    e = tl.exp(-tl.abs(x))
+    lp = tl.where(e < 1e-2, e * (1.0 - e * (0.5 - e / 3.0)), tl.log(1.0 + e))
+    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + lp)
+
+
+@triton.jit
+def _column(tile, offs, j):
+    # tile[:, j] of a register tile, j a runtime index.
+    return tl.sum(tl.where(offs[None, :] == j, tile, 0.0), axis=1)
+
+
+@triton.jit
+def _delta(dt_ptr, bias, ptr, m2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    raw = tl.load(dt_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias[:, None]
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    return tl.where(m2, dt, 0.0), raw
 
 
 @triton.jit
 def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, y_ptr, hlast_ptr, ckpt_ptr,
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, ckpt_ptr,
     L, D, N, chans_per_group, n_chunks,
-    s_ub, s_ud, s_ul,  # u and delta share strides (both made contiguous)
-    s_Ad, s_An,
-    s_Bb, s_Bg, s_Bn, s_Bl,
-    s_Cb, s_Cg, s_Cn, s_Cl,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    T: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)  # batch offsets can pass 2**31 elements
     pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    offs_t = tl.arange(0, T)
+    offs_n = tl.arange(0, BN)
     mask_d = offs_d < D
     mask_dn = mask_d[:, None] & (offs_n < N)[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mask_dn, other=0.0).to(tl.float32)
-    grp = offs_d // chans_per_group
-    u_row = u_ptr + pid_b * s_ub + offs_d * s_ud
-    dt_row = delta_ptr + pid_b * s_ub + offs_d * s_ud
-    y_row = y_ptr + pid_b * s_ub + offs_d * s_ud
-    B_base = B_ptr + pid_b * s_Bb + grp[:, None] * s_Bg + offs_n[None, :] * s_Bn
-    C_base = C_ptr + pid_b * s_Cb + grp[:, None] * s_Cg + offs_n[None, :] * s_Cn
-    # state tensors are (b, chunks, d, n) / (b, d, n), contiguous
-    dn = offs_d[:, None] * N + offs_n[None, :]
-    ckpt_row = ckpt_ptr + pid_b * n_chunks * D * N + dn
+    row = pid_b * D * L + offs_d[:, None] * L  # u, delta, z, out: contiguous (b, d, l)
+    bc_row = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L  # B, C: (b, g, n, l)
+    state = offs_d[:, None] * N + offs_n[None, :]
+    Dv = tl.zeros([BD], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.zeros([BD], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
-    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    carry = tl.zeros([BD, BN], dtype=tl.float32)  # the state entering the chunk
     for c in range(0, n_chunks):
-        tl.store(ckpt_row + c * D * N, h, mask=mask_dn)
-        t_end = tl.minimum((c + 1) * CHUNK, L)
-        for t in range(c * CHUNK, t_end):
-            u_t = tl.load(u_row + t * s_ul, mask=mask_d, other=0.0).to(tl.float32)
-            dt_t = tl.load(dt_row + t * s_ul, mask=mask_d, other=0.0).to(tl.float32)
-            B_t = tl.load(B_base + t * s_Bl, mask=mask_dn, other=0.0).to(tl.float32)
-            C_t = tl.load(C_base + t * s_Cl, mask=mask_dn, other=0.0).to(tl.float32)
-            h = tl.exp(dt_t[:, None] * A) * h + (dt_t * u_t)[:, None] * B_t
-            tl.store(y_row + t * s_ul, tl.sum(h * C_t, axis=1), mask=mask_d)
-    tl.store(hlast_ptr + pid_b * D * N + dn, h, mask=mask_dn)
+        t = c * T + offs_t
+        mask_t = t < L
+        m2 = mask_d[:, None] & mask_t[None, :]
+        ptr = row + t[None, :]
+        tl.store(ckpt_ptr + (pid_b * n_chunks + c) * D * N + state, carry, mask=mask_dn)
+        u = tl.load(u_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+        dt, _ = _delta(dt_ptr, bias, ptr, m2, HAS_BIAS, SOFTPLUS)  # 0 past L: decay 1, input 0
+        w = dt * u
+        y = Dv[:, None] * u
+        for n in range(0, N):
+            A_n = tl.load(A_ptr + offs_d * N + n, mask=mask_d, other=0.0).to(tl.float32)
+            B_n = tl.load(B_ptr + bc_row + n * L + t, mask=mask_t, other=0.0).to(tl.float32)
+            C_n = tl.load(C_ptr + bc_row + n * L + t, mask=mask_t, other=0.0).to(tl.float32)
+            decay, h = tl.associative_scan((tl.exp(dt * A_n[:, None]), w * B_n[None, :]), 1, _affine)
+            h += decay * _column(carry, offs_n, n)[:, None]
+            y += h * C_n[None, :]
+            carry = tl.where(offs_n[None, :] == n, _column(h, offs_t, T - 1)[:, None], carry)
+        if HAS_Z:
+            z = tl.load(z_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        tl.store(out_ptr + ptr, y.to(out_ptr.dtype.element_ty), mask=m2)
+    tl.store(last_ptr + pid_b * D * N + state, carry, mask=mask_dn)
 
 
 @triton.jit
 def _scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, dlast_ptr, ckpt_ptr, scratch_ptr,
-    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr,
-    L, D, N, chans_per_group, n_chunks, n_dblocks,
-    s_ub, s_ud, s_ul,  # u, delta, dy, du and ddelta share strides (all contiguous)
-    s_Ad, s_An,
-    s_Bb, s_Bg, s_Bn, s_Bl,  # B and dB (contiguous copies with the same layout)
-    s_Cb, s_Cg, s_Cn, s_Cl,  # C and dC
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_GROUP: tl.constexpr,
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, dlast_ptr, ckpt_ptr,
+    du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
+    L, D, N, chans_per_group, n_chunks,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    T: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):
-    pid_b = tl.program_id(0).to(tl.int64)  # batch offsets can pass 2**31 elements
+    pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    offs_t = tl.arange(0, T)
+    offs_n = tl.arange(0, BN)
     mask_d = offs_d < D
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mask_dn, other=0.0).to(tl.float32)
-    grp = offs_d // chans_per_group
-    row = pid_b * s_ub + offs_d * s_ud
-    B_off = pid_b * s_Bb + grp[:, None] * s_Bg + offs_n[None, :] * s_Bn
-    C_off = pid_b * s_Cb + grp[:, None] * s_Cg + offs_n[None, :] * s_Cn
-    # When all BLOCK_D channels share one group, reduce dB / dC over them before the atomic add.
-    grp0 = (pid_d * BLOCK_D) // chans_per_group
-    B_off0 = pid_b * s_Bb + grp0 * s_Bg + offs_n * s_Bn
-    C_off0 = pid_b * s_Cb + grp0 * s_Cg + offs_n * s_Cn
-    dn = offs_d[:, None] * N + offs_n[None, :]
-    ckpt_row = ckpt_ptr + pid_b * n_chunks * D * N + dn
-    # this program's scratch: (CHUNK + 1, BLOCK_D, BLOCK_N), slot 0 = the chunk's start state
-    blk = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :]
-    scratch = scratch_ptr + (pid_b * n_dblocks + pid_d) * (CHUNK + 1) * BLOCK_D * BLOCK_N + blk
+    mask_dn = mask_d[:, None] & (offs_n < N)[None, :]
+    row = pid_b * D * L + offs_d[:, None] * L
+    bc_row = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L
+    state = offs_d[:, None] * N + offs_n[None, :]
+    Dv = tl.zeros([BD], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.zeros([BD], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
-    g = tl.load(dlast_ptr + pid_b * D * N + dn, mask=mask_dn, other=0.0).to(tl.float32)
-    dA = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    g_carry = tl.load(dlast_ptr + pid_b * D * N + state, mask=mask_dn, other=0.0).to(tl.float32)  # dL/dh after the chunk
+    dA = tl.zeros([BD, BN], dtype=tl.float32)
+    dD = tl.zeros([BD], dtype=tl.float32)
+    dbias = tl.zeros([BD], dtype=tl.float32)
     for cc in range(0, n_chunks):
         c = n_chunks - 1 - cc
-        t0 = c * CHUNK
-        t_end = tl.minimum(t0 + CHUNK, L)
-        # 1. recompute this chunk's states
-        h = tl.load(ckpt_row + c * D * N, mask=mask_dn, other=0.0)
-        tl.store(scratch, h)
-        for t in range(t0, t_end):
-            u_t = tl.load(u_ptr + row + t * s_ul, mask=mask_d, other=0.0).to(tl.float32)
-            dt_t = tl.load(delta_ptr + row + t * s_ul, mask=mask_d, other=0.0).to(tl.float32)
-            B_t = tl.load(B_ptr + B_off + t * s_Bl, mask=mask_dn, other=0.0).to(tl.float32)
-            h = tl.exp(dt_t[:, None] * A) * h + (dt_t * u_t)[:, None] * B_t
-            tl.store(scratch + (t - t0 + 1) * BLOCK_D * BLOCK_N, h)
-        # 2. adjoint recurrence backwards through the chunk; g is dL/dh_t
-        for tt in range(0, t_end - t0):
-            t = t_end - 1 - tt
-            u_t = tl.load(u_ptr + row + t * s_ul, mask=mask_d, other=0.0).to(tl.float32)
-            dt_t = tl.load(delta_ptr + row + t * s_ul, mask=mask_d, other=0.0).to(tl.float32)
-            dy_t = tl.load(dy_ptr + row + t * s_ul, mask=mask_d, other=0.0).to(tl.float32)
-            B_t = tl.load(B_ptr + B_off + t * s_Bl, mask=mask_dn, other=0.0).to(tl.float32)
-            C_t = tl.load(C_ptr + C_off + t * s_Cl, mask=mask_dn, other=0.0).to(tl.float32)
-            h_t = tl.load(scratch + (t - t0 + 1) * BLOCK_D * BLOCK_N)
-            h_prev = tl.load(scratch + (t - t0) * BLOCK_D * BLOCK_N)
-            g += dy_t[:, None] * C_t
-            decay = tl.exp(dt_t[:, None] * A)
-            dC_t = tl.where(mask_dn, h_t * dy_t[:, None], 0.0)
-            dB_t = tl.where(mask_dn, g * (dt_t * u_t)[:, None], 0.0)
-            if ONE_GROUP:
-                tl.atomic_add(dC_ptr + C_off0 + t * s_Cl, tl.sum(dC_t, axis=0), mask=mask_n)
-                tl.atomic_add(dB_ptr + B_off0 + t * s_Bl, tl.sum(dB_t, axis=0), mask=mask_n)
-            else:
-                tl.atomic_add(dC_ptr + C_off + t * s_Cl, dC_t, mask=mask_dn)
-                tl.atomic_add(dB_ptr + B_off + t * s_Bl, dB_t, mask=mask_dn)
-            dw = tl.sum(g * B_t, axis=1)  # w = delta * u enters as w * B
-            dlog = g * decay * h_prev  # d/d(delta * A) of the decay term
-            dA += dlog * dt_t[:, None]
-            tl.store(ddelta_ptr + row + t * s_ul, tl.sum(dlog * A, axis=1) + dw * u_t, mask=mask_d)
-            tl.store(du_ptr + row + t * s_ul, dw * dt_t, mask=mask_d)
-            g = g * decay
-    tl.atomic_add(dA_ptr + offs_d[:, None] * s_Ad + offs_n[None, :] * s_An, dA, mask=mask_dn)
+        t = c * T + offs_t
+        mask_t = t < L
+        m2 = mask_d[:, None] & mask_t[None, :]
+        ptr = row + t[None, :]
+        u = tl.load(u_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+        dt, raw = _delta(dt_ptr, bias, ptr, m2, HAS_BIAS, SOFTPLUS)
+        m2_next = mask_d[:, None] & (t + 1 < L)[None, :]
+        dt_next, _ = _delta(dt_ptr, bias, ptr + 1, m2_next, HAS_BIAS, SOFTPLUS)  # 0 at L-1: the adjoint's decay is 1
+        dout = tl.load(dout_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+        dy = dout
+        if HAS_Z:
+            z = tl.load(z_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+            sz = tl.sigmoid(z)
+            dy = dout * z * sz
+        h_start = tl.load(ckpt_ptr + (pid_b * n_chunks + c) * D * N + state, mask=mask_dn, other=0.0)
+        w = dt * u
+        dw = tl.zeros([BD, T], dtype=tl.float32)  # dL/d(delta u) summed over the states
+        ddt_decay = tl.zeros([BD, T], dtype=tl.float32)  # dL/d(delta) through the decay
+        y = Dv[:, None] * u  # the pre-gate output, for dz
+        for n in range(0, N):
+            A_n = tl.load(A_ptr + offs_d * N + n, mask=mask_d, other=0.0).to(tl.float32)
+            B_n = tl.load(B_ptr + bc_row + n * L + t, mask=mask_t, other=0.0).to(tl.float32)
+            C_n = tl.load(C_ptr + bc_row + n * L + t, mask=mask_t, other=0.0).to(tl.float32)
+            inp = w * B_n[None, :]
+            decay, h = tl.associative_scan((tl.exp(dt * A_n[:, None]), inp), 1, _affine)
+            h += decay * _column(h_start, offs_n, n)[:, None]
+            pdecay, g = tl.associative_scan((tl.exp(dt_next * A_n[:, None]), dy * C_n[None, :]), 1, _affine,
+                                            reverse=True)
+            g += pdecay * _column(g_carry, offs_n, n)[:, None]
+            tl.atomic_add(dC_ptr + bc_row + n * L + t, tl.sum(h * dy, axis=0), mask=mask_t)
+            tl.atomic_add(dB_ptr + bc_row + n * L + t, tl.sum(g * w, axis=0), mask=mask_t)
+            dw += g * B_n[None, :]
+            dlog = g * (h - inp)  # g_t * exp(delta_t A) h_{t-1}
+            ddt_decay += dlog * A_n[:, None]
+            dA = tl.where(offs_n[None, :] == n, dA + tl.sum(dlog * dt, axis=1)[:, None], dA)
+            y += h * C_n[None, :]
+            g_carry = tl.where(offs_n[None, :] == n, _column(g, offs_t, 0)[:, None], g_carry)
+        ddt = ddt_decay + dw * u
+        du = dw * dt + Dv[:, None] * dy
+        if HAS_D:
+            dD += tl.sum(dy * u, axis=1)
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(raw)
+        ddt = tl.where(m2, ddt, 0.0)
+        if HAS_BIAS:
+            dbias += tl.sum(ddt, axis=1)
+        tl.store(du_ptr + ptr, du.to(du_ptr.dtype.element_ty), mask=m2)
+        tl.store(ddt_ptr + ptr, ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
+        if HAS_Z:
+            dz = dout * y * sz * (1.0 + z * (1.0 - sz))
+            tl.store(dz_ptr + ptr, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+    tl.atomic_add(dA_ptr + state, dA, mask=mask_dn)
+    if HAS_D:
+        tl.atomic_add(dD_ptr + offs_d, dD, mask=mask_d)
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + offs_d, dbias, mask=mask_d)
 
 
-def _launch_shape(u, N):
+def _block_d(chans_per_group: int) -> int:
+    """The largest power of two up to BLOCK_D that divides a group's channels (a program stays in one group)."""
+    bd = BLOCK_D
+    while chans_per_group % bd:
+        bd //= 2
+    return bd
+
+
+def _launch(u, A, B):
     b, d, l = u.shape
-    block_n = max(triton.next_power_of_2(N), 2)
-    return (b, triton.cdiv(d, BLOCK_D)), triton.cdiv(l, CHUNK), block_n
+    n, groups = A.shape[1], B.shape[1]
+    cpg = d // groups
+    bd = _block_d(cpg)
+    meta = dict(T=CHUNK, BD=bd, BN=max(triton.next_power_of_2(n), 2))
+    return (b, triton.cdiv(d, bd)), triton.cdiv(l, CHUNK), cpg, meta
 
 
 class TritonScan(torch.autograd.Function):
-    """``(y, last_state) = TritonScan.apply(u, delta, A, B, C)``.
+    """``(out, last_state) = TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)``.
 
-    u, delta: (b, d, l) fp32 (delta already shifted and softplus'ed); A: (d, n) fp32;
-    B, C: (b, g, n, l) with g dividing d. Returns y (b, d, l) and the last state (b, d, n), fp32.
+    u, delta, z: (b, d, l), any of fp32/bf16/fp16; A: (d, n); B, C: (b, g, n, l) with g dividing d;
+    D, delta_bias: (d,) or None; z may be None. Returns ``out`` in u's dtype and the last state
+    (b, d, n) in fp32. Gradients come back in each input's dtype.
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         u, delta, B, C = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
+        A = A.contiguous()
+        z = z.contiguous() if z is not None else None
         b, d, l = u.shape
-        n, groups = A.shape[1], B.shape[1]
-        grid, n_chunks, block_n = _launch_shape(u, n)
-        y = torch.empty_like(u, dtype=torch.float32)
-        hlast = u.new_empty((b, d, n), dtype=torch.float32)
+        n = A.shape[1]
+        grid, n_chunks, cpg, meta = _launch(u, A, B)
+        out = torch.empty_like(u)
+        last = u.new_empty((b, d, n), dtype=torch.float32)
         ckpt = u.new_empty((b, n_chunks, d, n), dtype=torch.float32)
+        dummy = u.new_empty(1, dtype=torch.float32)
         _scan_fwd_kernel[grid](
-            u, delta, A, B, C, y, hlast, ckpt, l, d, n, d // groups, n_chunks,
-            *u.stride(), *A.stride(), *B.stride(), *C.stride(),
-            CHUNK=CHUNK, BLOCK_D=BLOCK_D, BLOCK_N=block_n,
+            u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+            delta_bias if delta_bias is not None else dummy, out, last, ckpt,
+            l, d, n, cpg, n_chunks,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=bool(delta_softplus), **meta,
         )
-        ctx.save_for_backward(u, delta, A, B, C, ckpt)
-        return y, hlast
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+        ctx.delta_softplus = bool(delta_softplus)
+        return out, last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, dlast):
-        u, delta, A, B, C, ckpt = ctx.saved_tensors
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
         b, d, l = u.shape
-        n, groups = A.shape[1], B.shape[1]
-        grid, n_chunks, block_n = _launch_shape(u, n)
+        n = A.shape[1]
+        grid, n_chunks, cpg, meta = _launch(u, A, B)
         # autograd materialises an unused output's gradient as zeros, so neither is None here
-        dy, dlast = dy.to(torch.float32).contiguous(), dlast.to(torch.float32).contiguous()
-        du, ddelta = torch.empty_like(u, dtype=torch.float32), torch.empty_like(u, dtype=torch.float32)
-        dA = torch.zeros_like(A, dtype=torch.float32)
-        dB, dC = torch.zeros_like(B, dtype=torch.float32), torch.zeros_like(C, dtype=torch.float32)
-        scratch = u.new_empty((b * grid[1] * (CHUNK + 1) * BLOCK_D * block_n,), dtype=torch.float32)
-        chans = d // groups
+        dout, dlast = dout.contiguous(), dlast.to(torch.float32).contiguous()
+        f32 = dict(dtype=torch.float32)
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dz = torch.empty_like(z) if z is not None else None
+        dA, dB, dC = torch.zeros_like(A, **f32), torch.zeros_like(B, **f32), torch.zeros_like(C, **f32)
+        dD = torch.zeros_like(D, **f32) if D is not None else None
+        dbias = torch.zeros_like(delta_bias, **f32) if delta_bias is not None else None
+        dummy = u.new_empty(1, dtype=torch.float32)
+        opt = lambda t: t if t is not None else dummy  # noqa: E731
         _scan_bwd_kernel[grid](
-            u, delta, A, B, C, dy, dlast, ckpt, scratch, du, ddelta, dA, dB, dC,
-            l, d, n, chans, n_chunks, grid[1],
-            *u.stride(), *A.stride(), *B.stride(), *C.stride(),
-            CHUNK=CHUNK, BLOCK_D=BLOCK_D, BLOCK_N=block_n, ONE_GROUP=chans % BLOCK_D == 0,
+            u, delta, A, B, C, opt(D), opt(z), opt(delta_bias), dout, dlast, ckpt,
+            du, ddelta, dA, dB, dC, opt(dD), opt(dz), opt(dbias),
+            l, d, n, cpg, n_chunks,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=ctx.delta_softplus, **meta,
         )
-        return du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype)
+        cast = lambda g, like: g.to(like.dtype) if g is not None else None  # noqa: E731
+        return (du, ddelta, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), dz, cast(dbias, delta_bias), None)
 
 
-def triton_selective_scan(u, delta, A, B, C):
-    """The core scan on the Triton kernels; see :class:`TritonScan` for the shapes."""
-    return TritonScan.apply(u, delta, A, B, C)
+def triton_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The fused selective scan on the Triton kernels; see :class:`TritonScan` for the shapes."""
+    return TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

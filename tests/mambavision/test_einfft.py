@@ -71,3 +71,25 @@ def test_unknown_impl_is_named():
     m = EinFFT(32, 4, impl="fast")
     with pytest.raises(ValueError, match="impl must be one of"):
         m(torch.randn(1, 4, 32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: the fast path against cuFFT on the GPU")
+def test_cuda_dft_matches_cufft_fp32_and_bf16():
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 bound is for true fp32 products
+    try:
+        m = _pair(384, 4, torch.float32, scale=0.02).cuda()
+        for L in (257, 50):
+            x = torch.randn(64, L, 384, device="cuda", requires_grad=True)
+            y0, g0 = _run(m, "fft", x)
+            y1, g1 = _run(m, "dft", x)
+            err = max(_rel(a, b) for a, b in zip((y1, *g1), (y0, *g0)))
+            print(f"EinFFT cuda fp32 L={L}: max rel err (out, grads) {err:.2e}")
+            assert err < 1e-5
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                yb, gb = _run(m, "dft", x)
+            errb = max(_rel(a.float(), b) for a, b in zip((yb, *gb), (y0, *g0)))
+            print(f"EinFFT cuda bf16 autocast L={L}: max rel err vs fp32 (out, grads) {errb:.2e}")
+            assert errb < 3e-2
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
