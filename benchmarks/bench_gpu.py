@@ -49,6 +49,8 @@ PRECISIONS = {
     "fp32": ["compute_precision.tf32=false"],  # the trainer as shipped before TF32 was on
     "tf32": ["compute_precision.tf32=true"],  # the default (the release's setting)
     "bf16": ["compute_precision.tf32=true", "compute_precision.autocast_dtype=bf16"],
+    "bf16+compile": ["compute_precision.tf32=true", "compute_precision.autocast_dtype=bf16",
+                     "compute_precision.compile=true"],
     "bf16+bf16-params": ["compute_precision.tf32=true", "compute_precision.autocast_dtype=bf16"] + [
         f"compute_precision.{r}.{m}.mixed_precision.{k}={v}"
         for r in ("student", "teacher") for m in ("backbone", "dino_head", "ibot_head")
@@ -198,6 +200,41 @@ def bench_scan(args, device, report):
                      for label, _ in backends]
             lines.append(f"| {lab}: {b}, {d}, {l}, {n} | {dtn} | " + " | ".join(cells) + " |")
     report.add("scan", rows, lines)
+    if args.scan_configs and ("Triton (ours)", "triton") in backends:
+        _sweep_triton(args, device, report, shapes)
+
+
+def _sweep_triton(args, device, report, shapes):
+    """Our kernel's launch configurations (channels per program x chunk length x warps), bf16."""
+    from mambavision.ops import selective_scan_triton as sst
+    from mambavision.ops.selective_scan import selective_scan_fn
+
+    saved = sst.BLOCK_D, sst.CHUNK, sst.NUM_WARPS
+    rows = {}
+    configs = [tuple(int(v) for v in c.split("x")) for c in args.scan_configs.split(",")]
+    try:
+        for lab, b, d, l, n in shapes:
+            inp = _scan_inputs(b, d, l, n, device, torch.bfloat16)
+            for cfg in configs:
+                sst.BLOCK_D, sst.CHUNK, sst.NUM_WARPS = cfg
+
+                def fwd():
+                    with torch.no_grad():
+                        selective_scan_fn(**inp, delta_softplus=True, backend="triton")
+
+                def both():
+                    y = selective_scan_fn(**inp, delta_softplus=True, backend="triton")
+                    y.backward(torch.ones_like(y))
+
+                rows[f"{lab} | {cfg}"] = (_time_ms(fwd, device, 3, 20), _time_ms(both, device, 3, 20))
+    finally:
+        sst.BLOCK_D, sst.CHUNK, sst.NUM_WARPS = saved
+    lines = ["Triton scan launch configurations, bf16, median ms forward / forward + backward", "",
+             "| channels x chunk x warps | " + " | ".join(s[0] for s in shapes) + " |", "|---|" + "---|" * len(shapes)]
+    for cfg in configs:
+        lines.append(f"| {'x'.join(map(str, cfg))} | " + " | ".join(
+            "{:.3f} / {:.3f}".format(*rows[f"{s[0]} | {cfg}"]) for s in shapes) + " |")
+    report.add("scan_configs", {k: list(v) for k, v in rows.items()}, lines)
 
 
 def _synthetic_batch(cfg, seed=0):
@@ -405,6 +442,8 @@ def main(argv=None):
     p.add_argument("--precisions", default=",".join(PRECISIONS), help=f"subset of {list(PRECISIONS)}")
     p.add_argument("--step-batch", type=int, default=64, help="batch per GPU for step and loader (paper: 64)")
     p.add_argument("--workers", default="8,15", help="loader worker counts")
+    p.add_argument("--scan-configs", default="16x64x4,16x64x8,32x64x4,32x64x8,8x64x4,16x32x4,16x128x8,32x32x4",
+                   help="Triton scan launch configurations to sweep (channels x chunk x warps); '' to skip")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny models and batches (CPU smoke run)")
@@ -433,7 +472,7 @@ def main(argv=None):
             else:
                 globals()[f"bench_{s}"](args, device, report)
     os.makedirs(args.out, exist_ok=True)
-    stem = f"gpu_{datetime.date.today():%Y%m%d}_{re.sub(r'[^A-Za-z0-9]+', '-', card)}_{_commit()}"
+    stem = f"gpu_{datetime.date.today():%Y%m%d}_{re.sub(r'[^A-Za-z0-9]+', '-', card)}_{re.sub(r'[^A-Za-z0-9]+', '', _commit())}"
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write("\n".join(report.lines) + "\n")
     with open(os.path.join(args.out, stem + ".json"), "w") as f:

@@ -81,8 +81,9 @@ def validate_config(cfg: DictConfig) -> None:
     _choice(cfg.train.centering, CENTERINGS, "train.centering")
     _choice(cfg.optim.scaling_rule, SCALING_RULES, "optim.scaling_rule")
     _choice(cfg.compute_precision.autocast_dtype, DTYPES, "compute_precision.autocast_dtype")
-    if not isinstance(cfg.compute_precision.tf32, bool):
-        raise ConfigError(f"compute_precision.tf32 must be true or false, got {cfg.compute_precision.tf32!r}")
+    for k in ("tf32", "compile"):
+        if not isinstance(cfg.compute_precision[k], bool):
+            raise ConfigError(f"compute_precision.{k} must be true or false, got {cfg.compute_precision[k]!r}")
     if not isinstance(cfg.train.peak_tflops, (int, float)) or cfg.train.peak_tflops < 0:
         raise ConfigError(f"train.peak_tflops must be a number >= 0, got {cfg.train.peak_tflops!r}")
     for role in ("student", "teacher"):

@@ -95,6 +95,9 @@ class SSLMetaArch(nn.Module):
                 torch.distributed.broadcast(t, src=0)
         for k in self.student:
             self.teacher[k].load_state_dict(self.student[k].state_dict())
+        if self.cfg.compute_precision.compile:
+            self.student.backbone.compile_blocks()
+            self.teacher.backbone.compile_blocks()
         for k in list(self.student):
             self.student[k] = fsdp.wrap_module(self.student[k], self.cfg.compute_precision.student[k], device)
             self.teacher[k] = fsdp.wrap_module(self.teacher[k], self.cfg.compute_precision.teacher[k], device)

@@ -6,6 +6,7 @@ selective scan's custom kernels and elementwise work are not counted, as usual f
 ``train.peak_tflops``, or, when that is 0 on CUDA, a bf16 matmul timed once on the device.
 MFU = FLOPs/image x images/s per GPU / peak.
 """
+import contextlib
 import logging
 from typing import Callable, Optional, Tuple
 
@@ -19,7 +20,9 @@ def count_flops(fn: Callable[[], object]) -> Tuple[object, int]:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
+    # Compiled blocks would run fused kernels the counter cannot see: count on the eager path.
+    stance = getattr(torch.compiler, "set_stance", None)
+    with stance("force_eager") if stance is not None else contextlib.nullcontext(), counter:
         out = fn()
     return out, int(counter.get_total_flops())
 

@@ -51,7 +51,16 @@ def _dft_constants(L: int, num_blocks: int, block_size: int, device, dtype):
         # Inverse block DFT, real part of the output: out[(b,d)] = sum_j bc[j,b] Vr[(j,d)] - bs[j,b] Vi[(j,d)].
         eye = torch.eye(block_size, dtype=torch.float64)
         g_r, g_i = torch.kron(bc, eye), -torch.kron(bs, eye)
-        hit = tuple(t.to(device=device, dtype=dtype) for t in (fc, fs, g_r, g_i))
+        # Stored with a row stride padded to 8 elements: an odd leading dimension (257) sends cuBLAS to
+        # slow unaligned kernels. The views keep the exact (L, L) shape.
+        lp = -(-L // 8) * 8
+
+        def aligned(t):
+            buf = torch.zeros(t.shape[0], lp, dtype=dtype, device=device)
+            buf[:, : t.shape[1]] = t.to(device=device, dtype=dtype)
+            return buf[:, : t.shape[1]]
+
+        hit = (aligned(fc), aligned(fs), g_r.to(device=device, dtype=dtype), g_i.to(device=device, dtype=dtype))
         hit += (bc.to(device=device), bs.to(device=device))  # float64: cast to the weights' dtype at use
         _DFT_CACHE[key] = hit
     return hit
@@ -118,7 +127,7 @@ class EinFFT(nn.Module):
 
         # Token-major (L, B*C): token products are plain (L, L) @ (L, B*C) GEMMs, channel products
         # (L*B, C) @ (C, C) GEMMs on the same memory.
-        xt = x.transpose(0, 1).reshape(L * B, C)
+        xt = x.to(cdt).transpose(0, 1).reshape(L * B, C)  # cast first: the transpose copy moves half the bytes
         u_r, u_i = (xt @ m_r).view(L, B * C), (xt @ m_i).view(L, B * C)
 
         def tile(b):  # a per-channel bias broadcast over the (L, B*C) layout

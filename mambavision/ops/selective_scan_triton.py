@@ -21,8 +21,9 @@ end: it recomputes the chunk's states from that start state, runs the adjoint re
 
 as a reverse scan, and forms every gradient from ``h`` and ``g`` in registers. The decay's gradient
 uses ``exp(delta_t A) h_{t-1} = h_t - delta_t B_t u_t``, so no shifted state is needed. The gradients
-of B and C are sums over the channels of a group and of A, D and delta_bias over the batch: they are
-accumulated with fp32 atomics, so they are not bit-reproducible from run to run.
+of B and C are sums over the channels of a group: each program writes its partial sum and PyTorch adds
+them (deterministic). Those of A, D and delta_bias are sums over the batch, accumulated with fp32
+atomics once per program, so they are not bit-reproducible from run to run.
 
 Needs ``triton``. With ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run on
 CPU tensors through Triton's interpreter, which is how the CPU test suite checks them.
@@ -31,8 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
+# Launch configuration (module globals, read at each launch, so benchmarks/bench_gpu.py can sweep them).
 CHUNK = 64  # time steps per chunk: a power of two (the scan's width); 257 tokens -> 5 chunks
 BLOCK_D = 16  # channels per program (at most; it must divide the channels of one B/C group)
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -120,7 +123,7 @@ def _scan_fwd_kernel(
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, dlast_ptr, ckpt_ptr,
     du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
-    L, D, N, chans_per_group, n_chunks,
+    L, D, N, chans_per_group, n_chunks, n_dblocks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     T: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):
@@ -134,6 +137,7 @@ def _scan_bwd_kernel(
     row = pid_b * D * L + offs_d[:, None] * L
     bc_row = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L
     state = offs_d[:, None] * N + offs_n[None, :]
+    part_row = (pid_b * n_dblocks + pid_d) * N * L  # this program's partial sums of dB, dC: (b, d-blocks, n, l)
     Dv = tl.zeros([BD], dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -176,8 +180,8 @@ def _scan_bwd_kernel(
             pdecay, g = tl.associative_scan((tl.exp(dt_next * A_n[:, None]), dy * C_n[None, :]), 1, _affine,
                                             reverse=True)
             g += pdecay * _column(g_carry, offs_n, n)[:, None]
-            tl.atomic_add(dC_ptr + bc_row + n * L + t, tl.sum(h * dy, axis=0), mask=mask_t)
-            tl.atomic_add(dB_ptr + bc_row + n * L + t, tl.sum(g * w, axis=0), mask=mask_t)
+            tl.store(dC_ptr + part_row + n * L + t, tl.sum(h * dy, axis=0), mask=mask_t)
+            tl.store(dB_ptr + part_row + n * L + t, tl.sum(g * w, axis=0), mask=mask_t)
             dw += g * B_n[None, :]
             dlog = g * (h - inp)  # g_t * exp(delta_t A) h_{t-1}
             ddt_decay += dlog * A_n[:, None]
@@ -218,7 +222,7 @@ def _launch(u, A, B):
     n, groups = A.shape[1], B.shape[1]
     cpg = d // groups
     bd = _block_d(cpg)
-    meta = dict(T=CHUNK, BD=bd, BN=max(triton.next_power_of_2(n), 2))
+    meta = dict(T=CHUNK, BD=bd, BN=max(triton.next_power_of_2(n), 2), num_warps=NUM_WARPS)
     return (b, triton.cdiv(d, bd)), triton.cdiv(l, CHUNK), cpg, meta
 
 
@@ -265,18 +269,24 @@ class TritonScan(torch.autograd.Function):
         f32 = dict(dtype=torch.float32)
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         dz = torch.empty_like(z) if z is not None else None
-        dA, dB, dC = torch.zeros_like(A, **f32), torch.zeros_like(B, **f32), torch.zeros_like(C, **f32)
+        dA = torch.zeros_like(A, **f32)
+        # Per-program partial sums over its channels (no atomics: deterministic, no contention), reduced below.
+        dB_part = u.new_empty((b, grid[1], n, l), **f32)
+        dC_part = u.new_empty((b, grid[1], n, l), **f32)
         dD = torch.zeros_like(D, **f32) if D is not None else None
         dbias = torch.zeros_like(delta_bias, **f32) if delta_bias is not None else None
         dummy = u.new_empty(1, dtype=torch.float32)
         opt = lambda t: t if t is not None else dummy  # noqa: E731
         _scan_bwd_kernel[grid](
             u, delta, A, B, C, opt(D), opt(z), opt(delta_bias), dout, dlast, ckpt,
-            du, ddelta, dA, dB, dC, opt(dD), opt(dz), opt(dbias),
-            l, d, n, cpg, n_chunks,
+            du, ddelta, dA, dB_part, dC_part, opt(dD), opt(dz), opt(dbias),
+            l, d, n, cpg, n_chunks, grid[1],
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=ctx.delta_softplus, **meta,
         )
+        groups = B.shape[1]
+        dB = dB_part.view(b, groups, grid[1] // groups, n, l).sum(2)
+        dC = dC_part.view(b, groups, grid[1] // groups, n, l).sum(2)
         cast = lambda g, like: g.to(like.dtype) if g is not None else None  # noqa: E731
         return (du, ddelta, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), dz, cast(dbias, delta_bias), None)
 

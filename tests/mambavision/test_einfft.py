@@ -22,7 +22,8 @@ def _pair(C, nb, dtype, scale=0.1, seed=0):
 def _run(m, impl, x):
     m.impl = impl
     y = m(x)
-    grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), [x, *m.parameters()])
+    proj = torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)
+    grads = torch.autograd.grad((y * proj).sum(), [x, *m.parameters()])
     return y, grads
 
 
