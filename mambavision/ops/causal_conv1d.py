@@ -39,6 +39,8 @@ def _resolve_backend(backend: Optional[str], x: torch.Tensor, width: int) -> str
     )
 
 
+# Custom kernels (mamba-ssm's extension, our Triton kernel) are opaque to torch.compile: a clean graph break.
+@torch.compiler.disable
 def causal_conv1d_fn(x, weight, bias=None, activation=None, *, backend: Optional[str] = None):
     """Causal depthwise convolution over the last axis.
 

@@ -119,6 +119,8 @@ def _resolve_backend(backend: Optional[str], u: torch.Tensor, B: torch.Tensor, C
     )
 
 
+# Custom kernels (mamba-ssm's extension, our Triton kernel) are opaque to torch.compile: a clean graph break.
+@torch.compiler.disable
 def selective_scan_fn(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
     *, backend: Optional[str] = None, chunk_size: int = DEFAULT_CHUNK_SIZE,

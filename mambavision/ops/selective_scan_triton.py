@@ -33,7 +33,9 @@ import triton
 import triton.language as tl
 
 # Launch configuration (module globals, read at each launch, so benchmarks/bench_gpu.py can sweep them).
-CHUNK = 64  # time steps per chunk: a power of two (the scan's width); 257 tokens -> 5 chunks
+# Defaults from the sweep in docs/performance.md (H200, bf16): 16 x 32 x 4 was fastest fwd+bwd at MV_Hybrid's
+# 112-px and Vim's shapes and within 1% of the best at MV_Hybrid's 256-px shape.
+CHUNK = 32  # time steps per chunk: a power of two (the scan's width); 257 tokens -> 9 chunks
 BLOCK_D = 16  # channels per program (at most; it must divide the channels of one B/C group)
 NUM_WARPS = 4
 

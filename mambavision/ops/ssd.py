@@ -174,6 +174,8 @@ def _ssd_torch(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_sof
     return y.to(x.dtype), final
 
 
+# Custom kernels (mamba-ssm's extension, our Triton kernel) are opaque to torch.compile: a clean graph break.
+@torch.compiler.disable
 def mamba_chunk_scan_combined(
     x: torch.Tensor,
     dt: torch.Tensor,

@@ -14,7 +14,7 @@ from mambavision.ops.selective_scan import selective_scan_fn, selective_scan_ref
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 # (batch, dim, length, dstate, groups): one group, groups of 16 and 32 channels, 40 channels (8-channel
-# blocks), dstate not a power of two, lengths below, at and across the 64-step chunks (150: three chunks).
+# blocks), dstate not a power of two, lengths below, at and across the 32-step chunks (150: five chunks).
 SHAPES = [(2, 64, 70, 4, 0), (2, 48, 33, 5, 3), (1, 64, 32, 8, 2), (2, 40, 1, 3, 1), (1, 32, 9, 16, 1),
           (1, 16, 150, 2, 0)]
 
