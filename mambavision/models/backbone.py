@@ -89,7 +89,12 @@ class Backbone(nn.Module):
 
     def compile_blocks(self, **compile_kwargs) -> None:
         """``torch.compile`` each block in place (as dinov3 does): fuses the elementwise work and the
-        layout copies around the mixers and cuts launch overhead; custom kernels stay graph breaks."""
+        layout copies around the mixers and cuts launch overhead; custom kernels stay graph breaks.
+
+        Static shapes by default: DINOv2 feeds two crop sizes, and inductor's matmul padding pass
+        fails on the symbolic shapes that a dynamic recompile would bring (torch 2.11, H200).
+        """
+        compile_kwargs.setdefault("dynamic", False)
         for blk in self.blocks:
             blk.compile(**compile_kwargs)
 

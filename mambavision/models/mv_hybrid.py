@@ -54,23 +54,19 @@ class MambaVisionMixer(nn.Module):
         self.A_log = nn.Parameter(torch.log(A))
         self.D = nn.Parameter(torch.ones(half))
 
-    def _conv(self, xz: torch.Tensor) -> torch.Tensor:
-        """silu(depthwise conv) of both branches in one call (the two convolutions concatenated).
-
-        padding='same' as in the release, spelled out (left k-1 // 2, right the rest) because torch
-        warns on every call for even kernels.
-        """
-        cx, cz = self.conv1d_x, self.conv1d_z
-        k = cx.kernel_size[0]
-        weight = torch.cat([cx.weight, cz.weight])
-        bias = torch.cat([cx.bias, cz.bias]) if cx.bias is not None else None
-        xz = F.pad(xz, ((k - 1) // 2, k - 1 - (k - 1) // 2))
-        return F.silu(F.conv1d(xz, weight, bias, groups=cx.groups + cz.groups))
+    def _conv(self, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+        # padding='same' as in the release, spelled out (left k-1 // 2, right the rest) because
+        # torch warns on every call for even kernels.
+        k = conv.kernel_size[0]
+        x = F.pad(x, ((k - 1) // 2, k - 1 - (k - 1) // 2))
+        return F.silu(F.conv1d(x, conv.weight, conv.bias, groups=conv.groups))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         _, L, _ = hidden_states.shape
-        xz = self._conv(rearrange(self.in_proj(hidden_states), "b l d -> b d l"))
+        xz = rearrange(self.in_proj(hidden_states), "b l d -> b d l")
         x, z = xz.chunk(2, dim=1)
+        x = self._conv(x, self.conv1d_x)
+        z = self._conv(z, self.conv1d_z)
         x_dbl = self.x_proj(rearrange(x, "b d l -> (b l) d"))
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj includes its bias, and the scan adds it again as delta_bias (release quirk).
