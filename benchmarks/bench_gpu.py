@@ -261,12 +261,12 @@ def _tiny_opts():
 
 
 def bench_step(args, device, report, peak):
-    from dino import distributed, fsdp
+    from dino import distributed
     from dino.configs import build_config
     from dino.train.ssl_meta_arch import SSLMetaArch
-    from dino.train.train import build_optimizer
+    from dino.train.train import build_optimizer, optimizer_step
     from dino.utils.precision import configure_tf32
-    from dino.utils.throughput import count_flops
+    from dino.utils.throughput import count_step_flops
 
     distributed.enable(use_cuda=device.type == "cuda")  # one-rank FSDP2 on CUDA, as the trainer runs
     rows = {}
@@ -291,15 +291,13 @@ def bench_step(args, device, report, peak):
             def step():
                 opt.zero_grad(set_to_none=True)
                 ld = model.forward_backward(batch, teacher_temp=0.06)
-                for m in model.student.values():
-                    fsdp.clip_grad_norm_(m, 3.0)
-                opt.step()
+                optimizer_step(cfg, model, opt, model.fp16_scaler)  # as the trainer: unscale, clip, step
                 model.update_teacher(0.994)
                 losses.append(sum(v.float() for v in ld.values()))
 
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            _, flops = count_flops(step)
+            flops = count_step_flops(cfg, batch)
             ms = _time_ms(step, device, args.warmup, args.steps)
             ips = cfg.train.batch_size_per_gpu / (ms / 1e3)
             fpi = flops / cfg.train.batch_size_per_gpu

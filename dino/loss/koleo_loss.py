@@ -8,6 +8,7 @@ to the student [CLS] features by DINOv2 (Oquab et al. 2023).
 import torch
 import torch.nn.functional as F
 from torch import nn
+from mambavision.amp import autocast_off
 
 
 class KoLeoLoss(nn.Module):
@@ -27,7 +28,7 @@ class KoLeoLoss(nn.Module):
                 f"got shape {tuple(student_output.shape)}"
             )
         # Autocast off: a half-precision log of tiny distances is meaningless.
-        with torch.autocast(device_type=student_output.device.type, enabled=False):
+        with autocast_off(student_output.device.type):
             x = F.normalize(student_output.float(), eps=eps, p=2, dim=-1)
             nn_index = self.pairwise_NNs_inner(x)
             distances = F.pairwise_distance(x, x[nn_index], p=2, eps=eps)

@@ -202,6 +202,20 @@ class SSLMetaArch(nn.Module):
             total.backward()
         return {k: v.detach() for k, v in loss_dict.items()}
 
+    def run_networks(self, images: Dict) -> None:
+        """The network passes of one step, without the losses: teacher forward, student forward, and a
+        backward through the student from a stand-in scalar. The losses add no matrix products beyond
+        KoLeo's tiny one, so this is what MFU counts (``dino.utils.throughput.count_step_flops``)."""
+        n_local = self.cfg.crops.local_crops_number
+        global_crops = self._to_device(images["collated_global_crops"])
+        local_crops = self._to_device(images["collated_local_crops"]) if n_local > 0 else None
+        masks = self._to_device(images["collated_masks"])
+        mask_indices = self._to_device(images["mask_indices_list"])
+        n_masked, upperbound = mask_indices.shape[0], int(images["upperbound"])
+        self._teacher_targets(global_crops, 2, 0.07, mask_indices, n_masked, None, upperbound)
+        outs = self._student_forward(global_crops, local_crops, masks, mask_indices, n_masked, upperbound)
+        sum(o.sum() for o in outs if o is not None).backward()
+
     def _student_forward(self, global_crops, local_crops, masks, mask_indices, n_masked, upperbound):
         """Student backbone and heads; returns (local, global and masked-patch head outputs, global CLS)."""
         if local_crops is not None:

@@ -36,7 +36,7 @@ from dino.utils.checkpoint import (
 )
 from dino.utils.logging import MetricsWriter
 from dino.utils.precision import configure_tf32
-from dino.utils.throughput import Throughput, count_flops, measure_peak_tflops
+from dino.utils.throughput import Throughput, count_step_flops, measure_peak_tflops
 from dino.utils.schedules import CosineScheduler
 
 logger = logging.getLogger("dino")
@@ -96,6 +96,20 @@ def apply_optim_scheduler(optimizer, lr: float, wd: float, last_layer_lr: float)
     for g in optimizer.param_groups:
         g["weight_decay"] = wd * g["wd_multiplier"]
         g["lr"] = (last_layer_lr if g["is_last_layer"] else lr) * g["lr_multiplier"]
+
+
+def optimizer_step(cfg, model, optimizer, scaler) -> None:
+    """Gradient clipping per student sub-network, then the (loss-scaled under fp16) AdamW step."""
+    if scaler is not None and cfg.optim.clip_grad:
+        scaler.unscale_(optimizer)
+    if cfg.optim.clip_grad:
+        for m in model.student.values():
+            fsdp.clip_grad_norm_(m, cfg.optim.clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -234,11 +248,9 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
             apply_optim_scheduler(optimizer, lr, wd, last_layer_lr)
 
             optimizer.zero_grad(set_to_none=True)
-            if iteration == start_iter:  # FLOPs of the real step, counted once
-                loss_dict, flops = count_flops(lambda: model.forward_backward(data, teacher_temp=teacher_temp))
-                speed.set_step_flops(flops)
-            else:
-                loss_dict = model.forward_backward(data, teacher_temp=teacher_temp)
+            if iteration == start_iter:  # once per process, on a meta copy: the real step is untouched
+                speed.set_step_flops(count_step_flops(cfg, data))
+            loss_dict = model.forward_backward(data, teacher_temp=teacher_temp)
 
             # Mean losses over ranks and the pre-emption flag, in one message.
             names = sorted(loss_dict)
@@ -258,18 +270,7 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
                     f"(iteration {last_saved})" + ("" if last_saved >= 0 else " (none saved yet)")
                 )
 
-            if scaler is not None:
-                if cfg.optim.clip_grad:
-                    scaler.unscale_(optimizer)
-                    for m in model.student.values():
-                        fsdp.clip_grad_norm_(m, cfg.optim.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                if cfg.optim.clip_grad:
-                    for m in model.student.values():
-                        fsdp.clip_grad_norm_(m, cfg.optim.clip_grad)
-                optimizer.step()
+            optimizer_step(cfg, model, optimizer, scaler)
             model.update_teacher(mom)
 
             writer.tick()

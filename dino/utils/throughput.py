@@ -1,8 +1,10 @@
 """Training speed in the log: images/s and model-FLOP utilisation (MFU).
 
-FLOPs per image are counted once, on the first real training step, with
-``torch.utils.flop_counter.FlopCounterMode`` (matrix products, convolutions and attention; the
-selective scan's custom kernels and elementwise work are not counted, as usual for MFU). The peak is
+FLOPs per image are counted once per process with ``torch.utils.flop_counter.FlopCounterMode`` on the
+step's network passes, run on a meta-device copy of the model with the first real batch (matrix
+products, convolutions and attention; elementwise work is not counted, as usual for MFU). On meta
+tensors the selective scan takes its PyTorch formulation, whose small products are counted: 0.1% of
+the total at the paper's sizes. The peak is
 ``train.peak_tflops``, or, when that is 0 on CUDA, a bf16 matmul timed once on the device.
 MFU = FLOPs/image x images/s per GPU / peak.
 """
@@ -25,6 +27,24 @@ def count_flops(fn: Callable[[], object]) -> Tuple[object, int]:
     with stance("force_eager") if stance is not None else contextlib.nullcontext(), counter:
         out = fn()
     return out, int(counter.get_total_flops())
+
+
+def count_step_flops(cfg, images) -> int:
+    """Matrix-product FLOPs of one DINOv2 step on the collated batch ``images``, counted on a copy of
+    the model on the meta device: no memory, and the real run's numerics, RNG streams and loss centres
+    are untouched (so exact resume holds whichever step a process counts on)."""
+    from omegaconf import OmegaConf
+
+    from dino.train.ssl_meta_arch import SSLMetaArch
+
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    cfg.compute_precision.compile = False  # the same FLOPs; nothing to compile on meta tensors
+    with torch.random.fork_rng(devices=[]):  # building draws init weights: keep the run's CPU stream
+        model = SSLMetaArch(cfg).to("meta")
+    model.device = torch.device("meta")
+    model.train()
+    _, flops = count_flops(lambda: model.run_networks(images))
+    return flops
 
 
 def measure_peak_tflops(device: torch.device, n: int = 8192, reps: int = 20) -> Optional[float]:

@@ -24,6 +24,7 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..amp import autocast_off, compute_dtype
 
 IMPLS = ("dft", "fft")
 _DFT_CACHE: Dict[Tuple, Tuple[torch.Tensor, ...]] = {}
@@ -99,7 +100,7 @@ class EinFFT(nn.Module):
         in_dtype = x.dtype
         # At least fp32: half-precision cuFFT only supports power-of-two sizes (257 and 50 tokens are not).
         ct = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             h = x.to(ct).reshape(B, L, self.num_blocks, self.block_size)
             h = torch.fft.fft2(h, dim=(1, 2), norm="ortho")
             r, i = _complex_linear(h.real, h.imag, self.complex_weight_1.to(ct), self.complex_bias_1.to(ct))
@@ -114,8 +115,7 @@ class EinFFT(nn.Module):
     def _forward_dft(self, x: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
         nb, bs = self.num_blocks, self.block_size
-        autocast = torch.is_autocast_enabled(x.device.type)
-        cdt = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        cdt = compute_dtype(x)
         fc, fs, g_r, g_i, bc, bsn = _dft_constants(L, nb, bs, x.device, cdt)
         w1, w2, b1, b2 = self.complex_weight_1, self.complex_weight_2, self.complex_bias_1, self.complex_bias_2
         bc, bsn = bc.to(w1.dtype), bsn.to(w1.dtype)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import choose_backend, import_error, optional_import
+from ..amp import autocast_off
 
 BACKEND_ENV = "MAMBAVISION_SCAN_BACKEND"
 DEFAULT_CHUNK_SIZE = 32  # fastest fwd+bwd on 2 CPU cores at L=257; ~B*D*N*32*4 bytes per buffer
@@ -150,7 +151,7 @@ def selective_scan_fn(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     # The scan decides its own precision; autocast must not push its products to bf16.
-    with torch.autocast(u.device.type, enabled=False):
+    with autocast_off(u.device.type):
         if choice == "triton":  # fused: bias, softplus, D and the gate in the kernel, inputs in their dtype
             B, C = _match_groups(B, C)
             out, last_state = _triton_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
@@ -231,7 +232,7 @@ class _ChunkedScan(torch.autograd.Function):
         u_t, delta_t, A_t, B_t, C_t, starts = ctx.saved_tensors
         b, d, l, g, var_b, var_c = ctx.shapes
         T = ctx.chunk_size
-        with torch.autocast(dy.device.type, enabled=False):
+        with autocast_off(dy.device.type):
             dy_t = _time_major(dy.to(u_t.dtype), g)
             carry = dlast.to(u_t.dtype).reshape(b, g, d // g, -1)  # dL/dh at the chunk's last step
             du, ddelta = torch.empty_like(u_t), torch.empty_like(delta_t)
@@ -340,7 +341,7 @@ def selective_scan_ref(
     """
     b, d, l, n = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     ct = _compute_dtype(u)
-    with torch.autocast(u.device.type, enabled=False):
+    with autocast_off(u.device.type):
         delta = _prepare_delta(delta.to(ct), delta_bias, delta_softplus)
         uf, A = u.to(ct), A.to(ct)
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import choose_backend, import_error, optional_import
+from ..amp import autocast_off
 
 __all__ = ["mamba_chunk_scan_combined", "ssd_ref", "ssd_backends"]
 
@@ -154,7 +155,7 @@ def _ssd_chunked(X, logdecay, B, C, chunk: int, initial_states=None):
 def _ssd_torch(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, dt_limit):
     b, l, h, p = x.shape
     # Always fp32: exp of long decay sums and the state accumulation lose too much in bf16/fp16.
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         dt32 = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit)
         X = x.float() * dt32.unsqueeze(-1)
         logdecay = dt32 * A.float()

@@ -9,7 +9,7 @@ from dino.configs import build_config
 from dino.configs.config import ConfigError
 from dino.train import train as train_mod
 from dino.utils import precision
-from dino.utils.throughput import Throughput, count_flops
+from dino.utils.throughput import Throughput, count_flops, count_step_flops
 from tests.dino.test_ssl_meta_arch import TINY, build, make_batch, tiny_cfg
 
 
@@ -94,3 +94,17 @@ def test_training_metrics_carry_images_per_sec_and_mfu(tmp_path):
     assert len({r["tflops_per_gpu"] / r["images_per_sec"] for r in later}) == 1 or all(
         abs(r["tflops_per_gpu"] / r["images_per_sec"] - later[0]["tflops_per_gpu"] / later[0]["images_per_sec"]) < 1e-12
         for r in later)  # one FLOP count per image, from the first step
+
+
+def test_step_flops_are_counted_on_a_meta_copy_without_touching_the_run():
+    cfg = tiny_cfg()
+    model = build(cfg)
+    batch = make_batch(cfg)
+    _, real = count_flops(lambda: model.forward_backward(batch, teacher_temp=0.07))
+    state = torch.get_rng_state()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    meta = count_step_flops(cfg, batch)
+    assert torch.equal(state, torch.get_rng_state())  # the run's RNG stream is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # Same network passes; the meta copy counts the PyTorch scan's small products (large at this tiny size).
+    assert real <= meta < 1.1 * real
