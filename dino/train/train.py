@@ -22,10 +22,13 @@ from typing import Dict
 import torch
 
 from dino import distributed, fsdp
-from dino.configs.config import config_to_yaml, setup
+from dino.configs.config import config_to_yaml, setup, write_config
 from dino.data.loaders import make_data_loader, make_dataset
+from dino.data.unreadable import UnreadableBudget
 from dino.train.ssl_meta_arch import SSLMetaArch, backbone_config
 from dino.utils.checkpoint import (
+    describe_last_healthy,
+    forget_checkpoints_after,
     load_checkpoint,
     load_file,
     load_model_weights,
@@ -35,6 +38,8 @@ from dino.utils.checkpoint import (
     save_teacher_checkpoint,
 )
 from dino.utils.logging import MetricsWriter
+from dino.utils.resume_checks import check_resume
+from dino.utils.run_dir import prepare_output_dir
 from dino.utils.schedules import CosineScheduler
 
 logger = logging.getLogger("dino")
@@ -199,26 +204,38 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
     ckpt_path = os.path.join(out_dir, "checkpoint.pth")
     found = resume_path(out_dir) if resume else None
     if found:
-        ckpt = load_checkpoint(found, model, optimizer, scaler, restore_rng=False)
+        world = distributed.get_global_size()
+        ckpt = load_checkpoint(found, model, optimizer, scaler, restore_rng=False,
+                               check=lambda c: check_resume(c, cfg, found, world))
         start_iter = ckpt["iteration"] + 1
+        extra["unreadable_samples"] = int(ckpt.get("unreadable_samples", 0))
+        if distributed.is_main_process():
+            forget_checkpoints_after(out_dir, ckpt["iteration"])
         rank = distributed.get_global_rank()
         rngs = ckpt.get("rng") or []
         rng_state = rngs[rank] if rank < len(rngs) and ckpt.get("world_size") == distributed.get_global_size() else None
         logger.info("resuming from %s at iteration %d", found, start_iter)
     elif cfg.MODEL.WEIGHTS:
         _load_initial_weights(model, cfg.MODEL.WEIGHTS)
+    if distributed.is_main_process():
+        write_config(cfg, out_dir)  # only now: the run is locked and the checkpoint fits
 
     writer = MetricsWriter(out_dir, enabled=distributed.is_main_process())
     writer.truncate_from(start_iter)
     data_loader = build_data_loader(cfg, start_iter, device)
+    unreadable = UnreadableBudget(cfg.train.max_unreadable_fraction, len(data_loader.dataset),
+                                  cfg.train.batch_size_per_gpu * distributed.get_global_size(),
+                                  extra.get("unreadable_samples", 0))
     if rng_state is not None:
         restore_rng_state(rng_state)  # last, so nothing above shifts the streams
 
     _PREEMPT.clear()
     previous_handlers = _install_signal_handlers()
     iteration, preempted, values = start_iter - 1, False, {}
-    last_saved = start_iter - 1
-    logger.info("training iterations %d..%d", start_iter, max_iter - 1)
+    if start_iter < max_iter:
+        logger.info("training iterations %d..%d", start_iter, max_iter - 1)
+    else:
+        logger.info("training already complete (%d iterations); checking the final teacher checkpoint", max_iter)
     try:
         data_iter = iter(data_loader)
         for iteration in range(start_iter, max_iter):
@@ -234,20 +251,22 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
 
             # Mean losses over ranks and the pre-emption flag, in one message.
             names = sorted(loss_dict)
-            stats = torch.stack([loss_dict[k].float() for k in names] + [torch.tensor(float(_PREEMPT.is_set()), device=device)])
+            stats = torch.stack([loss_dict[k].float() for k in names] + [
+                data["unreadable"].to(device=device, dtype=torch.float32), torch.tensor(float(_PREEMPT.is_set()), device=device)])
             if distributed.get_global_size() > 1:
                 torch.distributed.all_reduce(stats)
             stats = stats.cpu().tolist()
             world = distributed.get_global_size()
-            losses = {k: v / world for k, v in zip(names, stats[:-1])}
+            losses = {k: v / world for k, v in zip(names, stats[:-2])}
             stop = stats[-1] > 0
+            extra["unreadable_samples"] = unreadable.update(int(stats[-2]), iteration)
             total_loss = sum(losses.values())
             if not math.isfinite(total_loss):
                 raise NonFiniteLossError(
                     f"non-finite loss at iteration {iteration}: "
                     + ", ".join(f"{k}={v}" for k, v in losses.items())
-                    + f". Stopped before the optimiser step; the last good checkpoint is {ckpt_path} "
-                    f"(iteration {last_saved})" + ("" if last_saved >= 0 else " (none saved yet)")
+                    + f". Stopped before the optimiser step; "
+                    + describe_last_healthy(out_dir, iteration)
                 )
 
             if scaler is not None:
@@ -275,17 +294,16 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
             if cfg.evaluation.eval_period_iterations > 0 and (iteration + 1) % cfg.evaluation.eval_period_iterations == 0:
                 do_test(cfg, model, iteration)
             if (iteration + 1) % cfg.train.saveckp_freq == 0 or iteration + 1 == max_iter or stop:
-                save_checkpoint(ckpt_path, model, optimizer, scaler, iteration, extra)
-                last_saved = iteration
+                save_checkpoint(ckpt_path, model, optimizer, scaler, iteration, extra, keep=cfg.train.keep_checkpoints)
             if stop:
                 preempted = True
                 logger.warning("pre-emption requested: saved %s at iteration %d, exiting", ckpt_path, iteration)
                 break
         else:
-            if max_iter > start_iter and not (
-                cfg.evaluation.eval_period_iterations > 0 and max_iter % cfg.evaluation.eval_period_iterations == 0
-            ):
-                do_test(cfg, model, max_iter - 1)  # the final teacher, for evaluation
+            # The final teacher, for evaluation; also written by a rerun after a kill during this save.
+            final = os.path.join(out_dir, "eval", f"training_{max_iter - 1}", "teacher_checkpoint.pth")
+            if not distributed.all_gather_object(os.path.isfile(final))[0]:
+                do_test(cfg, model, max_iter - 1)
     finally:
         _restore_signal_handlers(previous_handlers)
         writer.close()
@@ -295,13 +313,17 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
 def main(argv=None) -> Dict:
     args = get_args_parser().parse_args(argv)
     cfg = setup(args)
-    logger.info("config:\n%s", config_to_yaml(cfg))
-    # Same initial weights on every rank; rank-specific streams afterwards (DINOv2: seed + rank).
-    distributed.fix_random_seeds(cfg.train.seed)
-    model = SSLMetaArch(cfg)
-    model.prepare_for_distributed_training(distributed.get_device())
-    distributed.fix_random_seeds(distributed.seed_for_rank(cfg.train.seed))
+    lock = None
     try:
+        lock = prepare_output_dir(cfg.train.output_dir, fresh=args.no_resume)  # one run per output dir
+        logger.info("config:\n%s", config_to_yaml(cfg))
+        # Same initial weights on every rank; rank-specific streams afterwards (DINOv2: seed + rank).
+        distributed.fix_random_seeds(cfg.train.seed)
+        model = SSLMetaArch(cfg)
+        model.prepare_for_distributed_training(distributed.get_device())
+        distributed.fix_random_seeds(distributed.seed_for_rank(cfg.train.seed))
         return do_train(cfg, model, resume=not args.no_resume)
     finally:
+        if lock is not None:
+            lock.release()
         distributed.disable()
