@@ -6,9 +6,14 @@ Reliability beyond upstream DINOv2:
   states, and the sampler position, which is a pure function of the iteration);
 * atomic checkpoints that do not depend on the world size;
 * a NaN/inf loss stops the run with :class:`NonFiniteLossError` naming the iteration, before the
-  optimiser step, leaving the last good checkpoint untouched;
+  optimiser step, and the newest kept checkpoint (``train.keep_checkpoints``) that precedes the
+  divergence; a non-finite state is never saved;
 * SIGUSR1/SIGTERM (SLURM pre-emption) or :func:`request_preemption` finish the current iteration,
-  save a resumable checkpoint and return.
+  save a resumable checkpoint and return (DataLoader workers ignore these signals);
+* one run per output dir (:mod:`dino.utils.run_lock`); stale temporary files are removed at start,
+  ``--no-resume`` moves an earlier run aside (:mod:`dino.utils.run_dir`); ``config.yaml`` is written
+  once the checkpoint is known to fit (:mod:`dino.utils.resume_checks`);
+* unreadable samples are replaced and budgeted (:mod:`dino.data.unreadable`).
 """
 import argparse
 import logging
@@ -66,7 +71,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("python -m dino.train", description="DINOv2 SSL training", add_help=add_help)
     parser.add_argument("--config-file", default="", metavar="FILE", help="experiment yaml over configs/ssl_default.yaml")
     parser.add_argument("--output-dir", "--output_dir", default="", help="logs and checkpoints (default: train.output_dir)")
-    parser.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start from scratch; an earlier run in the output dir is moved to previous_runs/")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as key=value (e.g. optim.epochs=10)")
     return parser
 

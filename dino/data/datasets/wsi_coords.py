@@ -164,6 +164,10 @@ class WSICoordsDataset(Dataset):
         try:
             image = self.get_image(index)
         except Exception as err:
+            # OpenSlide handles stay in an error state after one failed read: reopen next time.
+            handle = self._handles.pop(int(self.slide_index[index]), None)
+            if handle is not None:
+                handle.close()
             path, x, y = self.get_location(index)
             # The loader replaces it by a substitute and counts it (dino.data.unreadable).
             raise UnreadableSampleError(f"cannot read patch {index} at ({x}, {y}) of {path}: {err}") from err
