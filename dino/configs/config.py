@@ -69,20 +69,13 @@ def _merge(cfg: DictConfig, other, source: str) -> DictConfig:
 _OPEN_KEYS = ("student.model_kwargs",)
 
 
+# Checked in this order: bool is a subclass of int.
+_KINDS = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"), (list, "a list"),
+          (dict, "a mapping"))
+
+
 def _kind(value) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
+    return next((name for t, name in _KINDS if isinstance(value, t)), type(value).__name__)
 
 
 def _coerce(default, value, key: str, source: str):
