@@ -341,6 +341,8 @@ def setup(args) -> DictConfig:
     from dino.utils.logging import setup_logging
 
     cfg = get_cfg_from_args(args)
+    if os.path.exists(cfg.train.output_dir) and not os.path.isdir(cfg.train.output_dir):
+        raise ConfigError(f"output dir {cfg.train.output_dir} exists and is not a directory")
     os.makedirs(cfg.train.output_dir, exist_ok=True)
     distributed.enable()
     setup_logging(cfg.train.output_dir, distributed.get_global_rank())

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 from typing import Any, Callable, Dict, Optional
@@ -95,6 +96,16 @@ def load_file(path: str) -> Dict[str, Any]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # Not torch's advice to retry with weights_only=False: that would run the file's code.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise RuntimeError(f"refusing checkpoint {path}: it holds a Python object ({found.group(1)}) beyond "
+                               "tensors and plain containers, and unpickling it could run code. Checkpoints written "
+                               "by this project never do; re-export the weights as a plain state dict") from None
+        detail = re.search(r"WeightsUnpickler error: \s*(.+)", str(e))
+        raise RuntimeError(f"cannot read checkpoint {path}: not a valid torch checkpoint (corrupt or another format"
+                           f"{': ' + detail.group(1).strip() if detail else ''})") from None
     except Exception as e:
         raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dino.configs import ConfigError
 from dino.data.unreadable import UnreadableSampleError
 from dino.train import train as train_mod
 from dino.utils import checkpoint as ckpt_mod
@@ -364,3 +365,48 @@ def test_load_pretrained_of_another_architecture_says_so(reference):
     assert mambavision.load_pretrained(str(teacher)).embed_dim == 32
     with pytest.raises(ValueError, match="holds a 'mv_hybrid' backbone, not 'vit_12': the architectures differ"):
         mambavision.load_pretrained(str(teacher), name="vit_12")
+
+
+def test_refused_checkpoint_gives_no_advice_to_unpickle(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this would run",))
+
+    torch.save({"model": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(RuntimeError) as err:
+        ckpt_mod.load_file(str(tmp_path / "evil.pth"))
+    assert "holds a Python object (print)" in str(err.value) and "weights_only" not in str(err.value)
+    (tmp_path / "garbage.pth").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="not a valid torch checkpoint") as err:
+        ckpt_mod.load_file(str(tmp_path / "garbage.pth"))
+    assert "weights_only" not in str(err.value)
+
+
+def test_output_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(ConfigError, match="exists and is not a directory"):
+        main_in_process(tmp_path / "out")
+
+
+def test_lock_without_file_locking_judges_the_holder_by_pid(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from dino.utils import run_lock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = {"host": socket.gethostname(), "pid": sleeper.pid, "started": "then"}
+        (tmp_path / run_lock.LOCK_NAME).write_text(json.dumps(holder))
+        with pytest.raises(RunLockError, match=f"pid {sleeper.pid}, started then"):
+            run_lock.RunLock(str(tmp_path)).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lock = run_lock.RunLock(str(tmp_path)).acquire()  # the holder is gone: stale
+    assert json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
