@@ -3,7 +3,8 @@
 Needs Debian's ``slurm-wlm`` and ``munge`` (``.ci/run`` installs them); :func:`missing` says what is
 absent so that a developer's ``make test`` can skip with that reason. Everything lives under the
 given folder (config, state, sockets, logs) and runs on free ports, so it touches no system
-service. ``JobRequeue=1``; the node has this machine's CPUs and memory.
+service. ``JobRequeue=1``; the node has this machine's CPUs and memory; job credentials expire after
+:data:`CRED_EXPIRE_S`, which is how long a requeued job waits before it restarts.
 """
 import getpass
 import os
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
+# A requeued job waits this long in PENDING (BeginTime): its old job credential must expire first, or
+# slurmd refuses the launch ("Job credential revoked"). SLURM's default is 120 s.
+CRED_EXPIRE_S = 10
 CLIENTS = ("sbatch", "srun", "scontrol", "squeue", "scancel")
 
 
@@ -64,7 +68,7 @@ SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={r / 'munge' / 'munge.socket'}
+AuthInfo=socket={r / 'munge' / 'munge.socket'},cred_expire={CRED_EXPIRE_S}
 StateSaveLocation={r / 'state'}
 SlurmdSpoolDir={r / 'spool'}
 SlurmctldPidFile={r / 'slurmctld.pid'}

@@ -6,10 +6,13 @@ waits for its checkpoint and requeues the job; the requeued job resumes, and its
 uninterrupted run's. The submitit launcher (``python -m dino.run.train``) is run against the same
 cluster. ``.ci/run`` installs slurm-wlm and munge; without them these tests are skipped, and say why.
 
-A requeued job waits in ``PENDING (BeginTime)`` (SLURM delays its restart); the tests lift that
-with ``scontrol update StartTime=now``, and SLURM checks time limits only every 30 s, so a
-job's signal comes 5 to 35 s after the start here: the training lasts long enough to be caught.
+A requeued job waits in ``PENDING (BeginTime)`` until its old credential expires; the cluster
+shortens that from 120 s to 10 s (``cred_expire``). SLURM checks time limits only every 30 s, so a job's
+signal comes 5 to 35 s after its start: the number of iterations is set from a short timed run
+so that the training outlasts that on any machine, and is surely caught.
 """
+import json
+import math
 import os
 import subprocess
 import sys
@@ -23,7 +26,7 @@ from test_slurm import MAIN_SCRIPT, REPO, TINY, child_env, losses, tiny_argv
 
 ABSENT = missing()
 REASON = f"no SLURM cluster test: {', '.join(ABSENT)} not installed (Debian: apt-get install slurm-wlm munge)"
-LONG = ["train.OFFICIAL_EPOCH_LENGTH=100", "optim.epochs=12", "train.saveckp_freq=400"]  # 1200 iterations
+SIGNAL_BY_S = 35  # latest arrival of the time-limit signal after the job's start (30 s check period)
 
 
 @pytest.fixture(scope="module")
@@ -57,28 +60,30 @@ def wait_job(cluster, job_id, predicate, timeout, what):
                          f"(state {cluster.job_field(job_id, 'JobState')}):\n{cluster.logs()}")
 
 
-def release_requeued(cluster, job_id, timeout=90):
-    """Wait until the job has requeued itself, then let it start now and run without limit.
-
-    Lifted only once the node is idle: a launch while the old instance is still completing fails
-    ("already killed, do not launch") and holds the job, which is then released.
-    """
+def wait_requeued(cluster, job_id, timeout=90):
+    """Wait until the job has requeued itself; let its next instance run to the end (no time limit)."""
     wait_job(cluster, job_id, lambda s: s == "PENDING" and cluster.job_field(job_id, "Restarts") not in ("", "0"),
              timeout, "requeue itself")
-    cluster.wait_node_idle(timeout)
-    cluster.scontrol("update", f"JobId={job_id}", "StartTime=now", "TimeLimit=10")
-    deadline = time.monotonic() + timeout
-    while cluster.job_field(job_id, "JobState") == "PENDING" and time.monotonic() < deadline:
-        if "held" in cluster.job_field(job_id, "Reason").lower():
-            cluster.wait_node_idle(timeout)
-            cluster.scontrol("release", str(job_id), check=False)
-            cluster.scontrol("update", f"JobId={job_id}", "StartTime=now", check=False)
-        time.sleep(0.5)
+    cluster.scontrol("update", f"JobId={job_id}", "TimeLimit=10")
+
+
+def iterations_lasting(seconds, tmp_path):
+    """Iterations (a multiple of 100) of the tiny training that take about ``seconds`` here."""
+    out = tmp_path / "timing"
+    r = subprocess.run([sys.executable, "-m", "dino.train"] + tiny_argv(out) + [
+        "train.OFFICIAL_EPOCH_LENGTH=30", "optim.epochs=1"], env=child_env(), cwd=REPO, capture_output=True,
+        text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "training_metrics.json").read_text().splitlines()]
+    per_iteration = rows[-1]["iter_time"]
+    return int(min(max(math.ceil(seconds / per_iteration / 100), 4), 60)) * 100
 
 
 def test_sbatch_script_signal_save_requeue_resume(cluster, tmp_path):
     out, ref_out = tmp_path / "out", tmp_path / "ref"
-    extra = LONG + ["train.num_workers=1"]
+    n = iterations_lasting(SIGNAL_BY_S + 10, tmp_path)  # the parallel reference slows both further
+    extra = ["train.OFFICIAL_EPOCH_LENGTH=100", f"optim.epochs={n // 100}", "train.saveckp_freq=400",
+             "train.num_workers=1"]
     ref = reference(ref_out, extra)
     overrides = [a for a in TINY[2:] if not a.startswith("train.dataset_path=")] + extra
     env = dict(child_env(), SLURM_CONF=cluster.env["SLURM_CONF"], PYTHON=sys.executable, REPO_DIR=str(REPO),
@@ -89,7 +94,7 @@ def test_sbatch_script_signal_save_requeue_resume(cluster, tmp_path):
          str(MAIN_SCRIPT)] + overrides, env=env, cwd=REPO, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().split(";")[0]
-    release_requeued(cluster, job)
+    wait_requeued(cluster, job)
     wait_job(cluster, job, lambda s: s == "COMPLETED", 240, "complete")
     text = (tmp_path / "job.out").read_text()
     assert "caught USR1: asking the trainer to checkpoint, then requeueing" in text  # the time-limit signal
@@ -99,7 +104,7 @@ def test_sbatch_script_signal_save_requeue_resume(cluster, tmp_path):
     _, err = ref.communicate(timeout=300)
     assert ref.returncode == 0, err[-3000:]
     got, expected = losses(out), losses(ref_out)
-    assert sorted(got) == list(range(1200)) and got == expected  # bit-exact across the requeue
+    assert sorted(got) == list(range(n)) and got == expected  # bit-exact across the requeue
 
 
 def test_submitit_launcher_requeues_and_resumes(cluster, tmp_path):
@@ -116,7 +121,7 @@ def test_submitit_launcher_requeues_and_resumes(cluster, tmp_path):
     wait_job(cluster, job, lambda s: s == "RUNNING" and (out / "training_metrics.json").exists(), 120, "train")
     # What SLURM sends before a time limit or a pre-emption (submitit asks for USR2 to the tasks).
     subprocess.run(["scancel", "--signal=USR2", job], env=cluster.env, check=True, timeout=30)
-    release_requeued(cluster, job)
+    wait_requeued(cluster, job)
     wait_job(cluster, job, lambda s: s == "COMPLETED", 240, "complete")
     log = (out / "log.txt").read_text()
     assert "pre-emption requested: saved" in log and "resuming from" in log
