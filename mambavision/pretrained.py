@@ -115,8 +115,15 @@ def load_pretrained(
         if entry.default_cfg.get(k) != v:
             kwargs.setdefault(k, v)
     kwargs.update(overrides)
-    model = create_model(name, **kwargs)
-    load_state_dict_checked(model, state_dict, strict=strict)
+    saved = meta.get("name")
+    try:
+        model = create_model(name, **kwargs)
+        load_state_dict_checked(model, state_dict, strict=strict)
+    except (ValueError, KeyError, RuntimeError, AssertionError, TypeError) as err:
+        if saved and saved != name:  # the real cause, not a symptom like a shape that does not divide
+            raise ValueError(f"{path} holds a {saved!r} backbone, not {name!r}: the architectures differ "
+                             f"(pass name={saved!r}, or leave name out). While building {name!r}: {err}") from None
+        raise
     if device is not None:
         model.to(device)
     return model.eval()

@@ -7,8 +7,13 @@ Example (CLAM biopsy preset, 256 px patches at level 0, 8 slides in parallel)::
 
 Writes ``coords/{slide_id}.h5``, ``thumbnails/{slide_id}.png`` (tissue green, holes blue,
 patches red), ``summary.csv`` and, with ``--save-png``, ``patches/{slide_id}/*.png``. Rerunning
-skips slides whose coords file is already complete. Exit status is 0 even if some slides
-failed (see summary.csv); it is 1 only when no slide could be processed at all.
+skips slides whose coords file is already complete. The grid parameters are recorded in
+``patching_params.json``; a rerun with another patch size (or grid) into the same folder is refused
+unless ``--overwrite`` redoes every slide. ``--verify`` then reads every patch once, as training
+would, and lists unreadable ones (corrupt tiles) in ``verify.csv``.
+
+Exit status: 0 even if some slides failed (see summary.csv); 1 when no slide could be processed
+at all or the parameters clash with the folder's; 3 when ``--verify`` found unreadable patches.
 """
 from __future__ import annotations
 
@@ -20,7 +25,14 @@ from pathlib import Path
 # Allow running from a source checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dino.data.wsi.patching import SLIDE_EXTENSIONS, PatchingConfig, find_slides, process_slides, summarize  # noqa: E402
+from dino.data.wsi.patching import (  # noqa: E402
+    SLIDE_EXTENSIONS,
+    PatchingConfig,
+    check_and_record_params,
+    find_slides,
+    process_slides,
+    summarize,
+)
 from dino.data.wsi.segmentation import BIOPSY_PRESET  # noqa: E402
 
 
@@ -51,6 +63,7 @@ def get_args_parser():
     o.add_argument("--no-thumbnails", action="store_true")
     o.add_argument("--workers", type=int, default=1, help="slides processed in parallel")
     o.add_argument("--overwrite", action="store_true", help="redo slides that already have a coords file")
+    o.add_argument("--verify", action="store_true", help="afterwards read every patch once; list unreadable ones in verify.csv")
     o.add_argument("--no-progress", action="store_true")
     return p
 
@@ -71,6 +84,11 @@ def main(argv=None):
     if not slides:
         print(f"no slides with extensions {exts} under {args.source}", file=sys.stderr)
         return 1
+    try:
+        check_and_record_params(args.save_dir, cfg, overwrite=args.overwrite)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     results = process_slides(slides, args.save_dir, cfg, workers=args.workers,
                              skip_existing=not args.overwrite, progress=not args.no_progress)
     counts = summarize(results)
@@ -80,7 +98,19 @@ def main(argv=None):
         f"Summary: {Path(args.save_dir) / 'summary.csv'}"
     )
     ok = counts["done"] + counts["skipped_existing"] + counts["no_tissue"]
-    return 0 if ok > 0 else 1
+    if ok == 0:
+        return 1
+    if args.verify and counts["done"] + counts["skipped_existing"] > 0:
+        from dino.data.wsi.verify import verify_patches
+
+        report = verify_patches(args.source, args.save_dir, progress=not args.no_progress)
+        bad = report["unreadable"]
+        print(f"verify: read {report['patches']} patches, {len(bad)} unreadable"
+              + (f" in {len({b[0] for b in bad})} slide(s), e.g. {bad[0][0]} at ({bad[0][1]}, {bad[0][2]}): {bad[0][3]}"
+                 if bad else "") + f". List: {Path(args.save_dir) / 'verify.csv'}")
+        if bad:
+            return 3
+    return 0
 
 
 if __name__ == "__main__":

@@ -3,12 +3,16 @@
 The default file is the schema: it is loaded in OmegaConf *struct* mode, so merging a key that
 it does not define raises an error naming that key, before any work starts. ``student.model_kwargs``
 is the only open dict (extra ``mambavision.create_model`` overrides).
+
+Values are checked too, before any work: each one must have the type of its default (an int is
+accepted for a float) and lie in its range; an error names the key and the file (or the command
+line) that set it.
 """
 import logging
 import math
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -49,23 +53,110 @@ def _merge(cfg: DictConfig, other, source: str) -> DictConfig:
         raise ConfigError(f"invalid value in {source}: {e}") from None
 
 
+# -- types -------------------------------------------------------------------------------------
+_OPEN_KEYS = ("student.model_kwargs",)
+
+
+# Checked in this order: bool is a subclass of int.
+_KINDS = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"), (list, "a list"),
+          (dict, "a mapping"))
+
+
+def _kind(value) -> str:
+    return next((name for t, name in _KINDS if isinstance(value, t)), type(value).__name__)
+
+
+def _coerce(default, value, key: str, source: str):
+    """``value`` converted to the type of the schema's ``default``, or a ConfigError naming key and source."""
+    if default is None or value is None or key.startswith(_OPEN_KEYS):
+        return value
+    ok = True
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        if isinstance(value, str):  # "1e-3" on the command line
+            try:
+                value = float(value)
+            except ValueError:
+                ok = False
+        ok = ok and isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # e.g. train.output_dir=2024
+        ok = isinstance(value, str)
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+        if ok and default and all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in default):
+            value = [_coerce(float(default[0]) if isinstance(default[0], float) else default[0], v, f"{key}[{i}]", source)
+                     for i, v in enumerate(value)]
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict)
+    if not ok:
+        shown = "" if isinstance(default, (dict, list)) else f" (the default is {default!r})"
+        raise ConfigError(f"{key}={value!r} in {source}: expected {_kind(default)}{shown}")
+    return value
+
+
+def _typed(schema: dict, other: dict, source: str, sources: Dict[str, str], prefix: str = "") -> dict:
+    """``other`` with every value coerced to the schema's type; records ``sources[key] = source``.
+    Keys missing from the schema are left for the merge to report."""
+    out = {}
+    for k, v in other.items():
+        key = f"{prefix}{k}"
+        if isinstance(schema, dict) and k in schema:
+            d = schema[k]
+            if isinstance(d, dict) and isinstance(v, dict) and not key.startswith(_OPEN_KEYS):
+                v = _typed(d, v, source, sources, f"{key}.")
+            else:
+                v = _coerce(d, v, key, source)
+                sources[key] = source
+        out[k] = v
+    return out
+
+
+def _checked_merge(cfg: DictConfig, other, source: str, sources: Dict[str, str]) -> DictConfig:
+    if not isinstance(other, DictConfig):
+        raise ConfigError(f"{source}: expected a mapping of config keys at the top level, got {_kind(as_container(other))}")
+    plain = OmegaConf.to_container(other, resolve=False)
+    schema = OmegaConf.to_container(cfg, resolve=False)
+    return _merge(cfg, _typed(schema, plain, source, sources), source)
+
+
+def _with_source(err: ConfigError, sources: Dict[str, str]) -> ConfigError:
+    """Append where the key named first in the message was set (file or command line)."""
+    text = str(err)
+    hits = sorted((text.find(k), -len(k), s) for k, s in sources.items() if k in text)
+    return ConfigError(f"{text} (set in {hits[0][2]})") if hits else err
+
+
 def build_config(config_file: Optional[str] = None, opts: Sequence[str] = ()) -> DictConfig:
     """Merge the default, ``config_file`` and the dotlist ``opts``; validate; return the config.
 
     ``optim.lr`` is not yet scaled (that needs the world size): see :func:`apply_scaling_rules`.
     """
     cfg = load_default_config()
+    sources: Dict[str, str] = {}
     if config_file:
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"config file not found: {config_file}")
-        cfg = _merge(cfg, OmegaConf.load(config_file), config_file)
+        try:
+            loaded = OmegaConf.load(config_file)
+        except Exception as e:  # yaml syntax errors
+            raise ConfigError(f"cannot parse config file {config_file}: {e}") from None
+        cfg = _checked_merge(cfg, loaded, config_file, sources)
     opts = list(opts or [])
     bad = [o for o in opts if "=" not in o]
     if bad:
         raise ConfigError(f"command-line overrides must be key=value, got {bad}")
     if opts:
-        cfg = _merge(cfg, OmegaConf.from_dotlist(opts), "command line")
-    validate_config(cfg)
+        cfg = _checked_merge(cfg, OmegaConf.from_dotlist(opts), "command line", sources)
+    try:
+        validate_config(cfg)
+    except ConfigError as e:
+        raise _with_source(e, sources) from None
     return cfg
 
 
@@ -81,11 +172,6 @@ def validate_config(cfg: DictConfig) -> None:
     _choice(cfg.train.centering, CENTERINGS, "train.centering")
     _choice(cfg.optim.scaling_rule, SCALING_RULES, "optim.scaling_rule")
     _choice(cfg.compute_precision.autocast_dtype, DTYPES, "compute_precision.autocast_dtype")
-    for k in ("tf32", "compile"):
-        if not isinstance(cfg.compute_precision[k], bool):
-            raise ConfigError(f"compute_precision.{k} must be true or false, got {cfg.compute_precision[k]!r}")
-    if not isinstance(cfg.train.peak_tflops, (int, float)) or cfg.train.peak_tflops < 0:
-        raise ConfigError(f"train.peak_tflops must be a number >= 0, got {cfg.train.peak_tflops!r}")
     for role in ("student", "teacher"):
         for mod in MODULES:
             c = cfg.compute_precision[role][mod]
@@ -114,8 +200,7 @@ def validate_config(cfg: DictConfig) -> None:
     for k, v in positive.items():
         if not isinstance(v, int) or v <= 0:
             raise ConfigError(f"{k} must be a positive integer, got {v!r}")
-    if cfg.train.num_workers < 0:
-        raise ConfigError(f"train.num_workers must be >= 0, got {cfg.train.num_workers}")
+    _check_ranges(cfg)
     for k in ("global_crops_size", "local_crops_size"):
         if cfg.crops[k] % cfg.student.patch_size:
             raise ConfigError(f"crops.{k}={cfg.crops[k]} is not a multiple of student.patch_size={cfg.student.patch_size}")
@@ -140,6 +225,55 @@ def validate_config(cfg: DictConfig) -> None:
     for k in ("global1_blur_p", "global2_blur_p", "local_blur_p"):
         if not 0 <= cfg.augmentations[k] <= 1:
             raise ConfigError(f"augmentations.{k}={cfg.augmentations[k]} is not a probability")
+
+
+# (key, low, high, low inclusive, high inclusive); None: unbounded on that side.
+_RANGES = (
+    ("train.num_workers", 0, None, True, True),
+    ("train.seed", 0, None, True, True),
+    ("train.max_unreadable_fraction", 0, 1, True, True),
+    ("train.keep_checkpoints", 1, None, True, True),
+    ("train.peak_tflops", 0, None, True, True),
+    ("optim.base_lr", 0, None, False, True),
+    ("optim.min_lr", 0, None, True, True),
+    ("optim.weight_decay", 0, None, True, True),
+    ("optim.weight_decay_end", 0, None, True, True),
+    ("optim.warmup_epochs", 0, None, True, True),
+    ("optim.freeze_last_layer_epochs", 0, None, True, True),
+    ("optim.clip_grad", 0, None, True, True),
+    ("optim.patch_embed_lr_mult", 0, None, True, True),
+    ("optim.layerwise_decay", 0, 1, False, True),
+    ("optim.adamw_beta1", 0, 1, True, False),
+    ("optim.adamw_beta2", 0, 1, True, False),
+    ("teacher.momentum_teacher", 0, 1, True, True),
+    ("teacher.final_momentum_teacher", 0, 1, True, True),
+    ("teacher.warmup_teacher_temp", 0, None, False, True),
+    ("teacher.teacher_temp", 0, None, False, True),
+    ("teacher.warmup_teacher_temp_epochs", 0, None, True, True),
+    ("student.drop_path_rate", 0, 1, True, False),
+    ("dino.loss_weight", 0, None, True, True),
+    ("dino.koleo_loss_weight", 0, None, True, True),
+    ("ibot.loss_weight", 0, None, True, True),
+    ("ibot.mask_sample_probability", 0, 1, True, True),
+    ("evaluation.eval_period_iterations", 0, None, True, True),
+)
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    for key, lo, hi, lo_in, hi_in in _RANGES:
+        v = OmegaConf.select(cfg, key)
+        if v is None:
+            continue
+        too_low = lo is not None and (v < lo if lo_in else v <= lo)
+        too_high = hi is not None and (v > hi if hi_in else v >= hi)
+        if too_low or too_high:
+            left = "[" if lo_in else "("
+            right = "]" if hi_in else ")"
+            raise ConfigError(f"{key}={v!r} is out of range {left}{lo}, {'inf' if hi is None else hi}{right}")
+    for head in ("dino", "ibot"):
+        for k in ("head_n_prototypes", "head_bottleneck_dim", "head_nlayers", "head_hidden_dim"):
+            if cfg[head][k] < 1:
+                raise ConfigError(f"{head}.{k}={cfg[head][k]!r} must be a positive integer")
 
 
 def apply_scaling_rules(cfg: DictConfig, world_size: int) -> DictConfig:
@@ -175,26 +309,34 @@ def get_cfg_from_args(args) -> DictConfig:
     cfg = build_config(getattr(args, "config_file", None) or None, opts)
     if getattr(args, "output_dir", None):
         cfg.train.output_dir = os.path.abspath(args.output_dir)
+    elif cfg.train.output_dir in ("", "."):
+        # The schema's default: a bare `python -m dino.train` must not fill the current folder.
+        raise ConfigError("no output directory: pass --output-dir DIR (or set train.output_dir in the config); "
+                          "checkpoints and logs are not written into the current folder by default")
     else:
         cfg.train.output_dir = os.path.abspath(cfg.train.output_dir)
+    if not getattr(args, "config_file", None):
+        logger.warning("no --config-file: training the full-size defaults of %s (recipes: configs/train/, "
+                       "a tiny smoke test: configs/demo/tiny.yaml)", DEFAULT_CONFIG_PATH)
     return cfg
 
 
 def setup(args) -> DictConfig:
-    """Build the config, start distributed mode, scale the lr, seed, and write ``config.yaml``.
+    """Build the config, start distributed mode and scale the lr (DINOv2's ``dinov2.utils.config.setup``).
 
-    Mirrors DINOv2's ``dinov2.utils.config.setup``.
+    Unlike DINOv2 it does not write ``config.yaml``: the trainer does, once the run is known to
+    start (output dir locked, checkpoint compatible), so a refused run leaves the old file alone.
     """
     from dino import distributed
     from dino.utils.logging import setup_logging
 
     cfg = get_cfg_from_args(args)
+    if os.path.exists(cfg.train.output_dir) and not os.path.isdir(cfg.train.output_dir):
+        raise ConfigError(f"output dir {cfg.train.output_dir} exists and is not a directory")
     os.makedirs(cfg.train.output_dir, exist_ok=True)
     distributed.enable()
     setup_logging(cfg.train.output_dir, distributed.get_global_rank())
     apply_scaling_rules(cfg, distributed.get_global_size())
-    if distributed.is_main_process():
-        write_config(cfg, cfg.train.output_dir)
     return cfg
 
 

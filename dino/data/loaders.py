@@ -9,12 +9,17 @@ Dataset strings (``train.dataset_path``)::
 Determinism: every sample's augmentation is drawn from RNGs seeded by ``(seed, global position)``
 and every batch's iBOT masks from RNGs seeded by ``(seed, position of its first sample)``, so the
 batches depend neither on the number of workers nor on their scheduling, and a resumed run reads
-exactly the batches an uninterrupted run would.
+exactly the batches an uninterrupted run would. An unreadable sample is replaced by a substitute
+drawn from ``(seed, position)`` (see :mod:`dino.data.unreadable`), which keeps that property.
+
+DataLoader workers ignore the pre-emption signals (SIGTERM, SIGUSR1, SIGUSR2): a scheduler signals
+the whole process group, and only the main process must react (save, then shut the workers down).
 """
 import contextlib
 import inspect
 import logging
 import random
+import signal
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -22,10 +27,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .samplers import ShardedInfiniteSampler, mix_seed
+from .unreadable import UnreadableSampleError
 
 logger = logging.getLogger("dino")
 
-_SAMPLE_TAG, _COLLATE_TAG = 1, 2
+_SAMPLE_TAG, _COLLATE_TAG, _SUBSTITUTE_TAG = 1, 2, 3
+MAX_SUBSTITUTE_ATTEMPTS = 100  # this many unreadable reads for one sample: the data set, not a file, is broken
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
 
 def _dataset_classes() -> Dict[str, Callable[[], type]]:
@@ -118,24 +126,45 @@ def seeded_rngs(seed: int):
 class SeededSampleDataset(Dataset):
     """Reads ``(position, index)`` items from :class:`ShardedInfiniteSampler`; seeds per position.
 
-    Returns ``(sample, position)``; ``sample`` is what the wrapped dataset returns, as an
-    ``(image, target)`` pair (a bare image gets an empty target, as DINOv2's collate expects).
+    Returns ``(sample, position, unreadable)``; ``sample`` is what the wrapped dataset returns, as
+    an ``(image, target)`` pair (a bare image gets an empty target, as DINOv2's collate expects), and
+    ``unreadable`` counts the unreadable items it met (and replaced) on the way.
     """
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset = dataset
         self.seed = seed
+        self._bad: set = set()  # per process; readability is a property of the file, so skipping is exact
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def substitute_index(self, position: int, attempt: int) -> int:
+        return mix_seed(self.seed, position, _SUBSTITUTE_TAG, attempt) % len(self.dataset)
+
     def __getitem__(self, item: Tuple[int, int]):
         position, index = item
-        with seeded_rngs(mix_seed(self.seed, position, _SAMPLE_TAG)):
-            sample = self.dataset[index]
-        if not isinstance(sample, tuple):
-            sample = (sample, ())
-        return sample, position
+        unreadable, first_error = 0, None
+        for attempt in range(MAX_SUBSTITUTE_ATTEMPTS):
+            i = index if attempt == 0 else self.substitute_index(position, attempt)
+            if i in self._bad:
+                unreadable += 1
+                continue
+            try:
+                # Re-seeded per attempt: the substitute's augmentation does not depend on the failure.
+                with seeded_rngs(mix_seed(self.seed, position, _SAMPLE_TAG)):
+                    sample = self.dataset[i]
+            except UnreadableSampleError as err:
+                self._bad.add(i)
+                unreadable += 1
+                first_error = first_error or err
+                logger.warning("skipping unreadable sample %d (%s); replaced by a substitute", i, err)
+                continue
+            if not isinstance(sample, tuple):
+                sample = (sample, ())
+            return sample, position, unreadable
+        raise UnreadableSampleError(f"{MAX_SUBSTITUTE_ATTEMPTS} unreadable samples in a row for position {position}, "
+                                    f"e.g. {first_error}; the data set looks broken")
 
 
 class SeededCollate:
@@ -145,14 +174,25 @@ class SeededCollate:
         self.collate_fn = collate_fn
         self.seed = seed
 
-    def __call__(self, batch: List[Tuple[Any, int]]):
-        samples = [s for s, _ in batch]
-        positions = [p for _, p in batch]
+    def __call__(self, batch: List[Tuple[Any, int, int]]):
+        samples = [s for s, _, _ in batch]
+        positions = [p for _, p, _ in batch]
         with seeded_rngs(mix_seed(self.seed, positions[0], _COLLATE_TAG)):
             out = self.collate_fn(samples)
         if isinstance(out, dict):
             out["positions"] = torch.tensor(positions, dtype=torch.long)
+            out["unreadable"] = torch.tensor(sum(u for _, _, u in batch), dtype=torch.long)
         return out
+
+
+def ignore_preemption_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: leave pre-emption to the main process. (torch's worker SIGTERM
+    handler would kill the worker and crash the loader.) A worker still ends through the loader's
+    shutdown, or by itself once the main process is gone."""
+    for name in PREEMPTION_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def make_data_loader(
@@ -186,6 +226,7 @@ def make_data_loader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
+        worker_init_fn=ignore_preemption_signals if num_workers > 0 else None,
         # A private generator: the loader must not draw from the global torch RNG, whose state is
         # checkpointed (the per-sample seeding above makes worker seeds irrelevant).
         generator=torch.Generator().manual_seed(seed),

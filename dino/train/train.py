@@ -6,9 +6,14 @@ Reliability beyond upstream DINOv2:
   states, and the sampler position, which is a pure function of the iteration);
 * atomic checkpoints that do not depend on the world size;
 * a NaN/inf loss stops the run with :class:`NonFiniteLossError` naming the iteration, before the
-  optimiser step, leaving the last good checkpoint untouched;
+  optimiser step, and the newest kept checkpoint (``train.keep_checkpoints``) that precedes the
+  divergence; a non-finite state is never saved;
 * SIGUSR1/SIGTERM (SLURM pre-emption) or :func:`request_preemption` finish the current iteration,
-  save a resumable checkpoint and return.
+  save a resumable checkpoint and return (DataLoader workers ignore these signals);
+* one run per output dir (:mod:`dino.utils.run_lock`); stale temporary files are removed at start,
+  ``--no-resume`` moves an earlier run aside (:mod:`dino.utils.run_dir`); ``config.yaml`` is written
+  once the checkpoint is known to fit (:mod:`dino.utils.resume_checks`);
+* unreadable samples are replaced and budgeted (:mod:`dino.data.unreadable`).
 """
 import argparse
 import logging
@@ -22,10 +27,13 @@ from typing import Dict
 import torch
 
 from dino import distributed, fsdp
-from dino.configs.config import config_to_yaml, setup
+from dino.configs.config import config_to_yaml, setup, write_config
 from dino.data.loaders import make_data_loader, make_dataset
+from dino.data.unreadable import UnreadableBudget
 from dino.train.ssl_meta_arch import SSLMetaArch, backbone_config
 from dino.utils.checkpoint import (
+    describe_last_healthy,
+    forget_checkpoints_after,
     load_checkpoint,
     load_file,
     load_model_weights,
@@ -36,6 +44,8 @@ from dino.utils.checkpoint import (
 )
 from dino.utils.logging import MetricsWriter
 from dino.utils.precision import configure_tf32
+from dino.utils.resume_checks import check_resume
+from dino.utils.run_dir import prepare_output_dir
 from dino.utils.throughput import Throughput, count_step_flops, measure_peak_tflops
 from dino.utils.schedules import CosineScheduler
 
@@ -63,7 +73,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("python -m dino.train", description="DINOv2 SSL training", add_help=add_help)
     parser.add_argument("--config-file", default="", metavar="FILE", help="experiment yaml over configs/ssl_default.yaml")
     parser.add_argument("--output-dir", "--output_dir", default="", help="logs and checkpoints (default: train.output_dir)")
-    parser.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start from scratch; an earlier run in the output dir is moved to previous_runs/")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as key=value (e.g. optim.epochs=10)")
     return parser
 
@@ -215,28 +226,40 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
     ckpt_path = os.path.join(out_dir, "checkpoint.pth")
     found = resume_path(out_dir) if resume else None
     if found:
-        ckpt = load_checkpoint(found, model, optimizer, scaler, restore_rng=False)
+        world = distributed.get_global_size()
+        ckpt = load_checkpoint(found, model, optimizer, scaler, restore_rng=False,
+                               check=lambda c: check_resume(c, cfg, found, world))
         start_iter = ckpt["iteration"] + 1
+        extra["unreadable_samples"] = int(ckpt.get("unreadable_samples", 0))
+        if distributed.is_main_process():
+            forget_checkpoints_after(out_dir, ckpt["iteration"])
         rank = distributed.get_global_rank()
         rngs = ckpt.get("rng") or []
         rng_state = rngs[rank] if rank < len(rngs) and ckpt.get("world_size") == distributed.get_global_size() else None
         logger.info("resuming from %s at iteration %d", found, start_iter)
     elif cfg.MODEL.WEIGHTS:
         _load_initial_weights(model, cfg.MODEL.WEIGHTS)
+    if distributed.is_main_process():
+        write_config(cfg, out_dir)  # only now: the run is locked and the checkpoint fits
 
     writer = MetricsWriter(out_dir, enabled=distributed.is_main_process())
     speed = Throughput(cfg.train.batch_size_per_gpu, distributed.get_global_size(),
                        cfg.train.peak_tflops or measure_peak_tflops(device))
     writer.truncate_from(start_iter)
     data_loader = build_data_loader(cfg, start_iter, device)
+    unreadable = UnreadableBudget(cfg.train.max_unreadable_fraction, len(data_loader.dataset),
+                                  cfg.train.batch_size_per_gpu * distributed.get_global_size(),
+                                  extra.get("unreadable_samples", 0))
     if rng_state is not None:
         restore_rng_state(rng_state)  # last, so nothing above shifts the streams
 
     _PREEMPT.clear()
     previous_handlers = _install_signal_handlers()
     iteration, preempted, values = start_iter - 1, False, {}
-    last_saved = start_iter - 1
-    logger.info("training iterations %d..%d", start_iter, max_iter - 1)
+    if start_iter < max_iter:
+        logger.info("training iterations %d..%d", start_iter, max_iter - 1)
+    else:
+        logger.info("training already complete (%d iterations); checking the final teacher checkpoint", max_iter)
     try:
         data_iter = iter(data_loader)
         for iteration in range(start_iter, max_iter):
@@ -254,20 +277,22 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
 
             # Mean losses over ranks and the pre-emption flag, in one message.
             names = sorted(loss_dict)
-            stats = torch.stack([loss_dict[k].float() for k in names] + [torch.tensor(float(_PREEMPT.is_set()), device=device)])
+            stats = torch.stack([loss_dict[k].float() for k in names] + [
+                data["unreadable"].to(device=device, dtype=torch.float32), torch.tensor(float(_PREEMPT.is_set()), device=device)])
             if distributed.get_global_size() > 1:
                 torch.distributed.all_reduce(stats)
             stats = stats.cpu().tolist()
             world = distributed.get_global_size()
-            losses = {k: v / world for k, v in zip(names, stats[:-1])}
+            losses = {k: v / world for k, v in zip(names, stats[:-2])}
             stop = stats[-1] > 0
+            extra["unreadable_samples"] = unreadable.update(int(stats[-2]), iteration)
             total_loss = sum(losses.values())
             if not math.isfinite(total_loss):
                 raise NonFiniteLossError(
                     f"non-finite loss at iteration {iteration}: "
                     + ", ".join(f"{k}={v}" for k, v in losses.items())
-                    + f". Stopped before the optimiser step; the last good checkpoint is {ckpt_path} "
-                    f"(iteration {last_saved})" + ("" if last_saved >= 0 else " (none saved yet)")
+                    + f". Stopped before the optimiser step; "
+                    + describe_last_healthy(out_dir, iteration)
                 )
 
             optimizer_step(cfg, model, optimizer, scaler)
@@ -284,17 +309,16 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
             if cfg.evaluation.eval_period_iterations > 0 and (iteration + 1) % cfg.evaluation.eval_period_iterations == 0:
                 do_test(cfg, model, iteration)
             if (iteration + 1) % cfg.train.saveckp_freq == 0 or iteration + 1 == max_iter or stop:
-                save_checkpoint(ckpt_path, model, optimizer, scaler, iteration, extra)
-                last_saved = iteration
+                save_checkpoint(ckpt_path, model, optimizer, scaler, iteration, extra, keep=cfg.train.keep_checkpoints)
             if stop:
                 preempted = True
                 logger.warning("pre-emption requested: saved %s at iteration %d, exiting", ckpt_path, iteration)
                 break
         else:
-            if max_iter > start_iter and not (
-                cfg.evaluation.eval_period_iterations > 0 and max_iter % cfg.evaluation.eval_period_iterations == 0
-            ):
-                do_test(cfg, model, max_iter - 1)  # the final teacher, for evaluation
+            # The final teacher, for evaluation; also written by a rerun after a kill during this save.
+            final = os.path.join(out_dir, "eval", f"training_{max_iter - 1}", "teacher_checkpoint.pth")
+            if not distributed.all_gather_object(os.path.isfile(final))[0]:
+                do_test(cfg, model, max_iter - 1)
     finally:
         _restore_signal_handlers(previous_handlers)
         writer.close()
@@ -304,14 +328,18 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
 def main(argv=None) -> Dict:
     args = get_args_parser().parse_args(argv)
     cfg = setup(args)
-    logger.info("config:\n%s", config_to_yaml(cfg))
-    configure_tf32(cfg.compute_precision.tf32)
-    # Same initial weights on every rank; rank-specific streams afterwards (DINOv2: seed + rank).
-    distributed.fix_random_seeds(cfg.train.seed)
-    model = SSLMetaArch(cfg)
-    model.prepare_for_distributed_training(distributed.get_device())
-    distributed.fix_random_seeds(distributed.seed_for_rank(cfg.train.seed))
+    lock = None
     try:
+        lock = prepare_output_dir(cfg.train.output_dir, fresh=args.no_resume)  # one run per output dir
+        logger.info("config:\n%s", config_to_yaml(cfg))
+        configure_tf32(cfg.compute_precision.tf32)
+        # Same initial weights on every rank; rank-specific streams afterwards (DINOv2: seed + rank).
+        distributed.fix_random_seeds(cfg.train.seed)
+        model = SSLMetaArch(cfg)
+        model.prepare_for_distributed_training(distributed.get_device())
+        distributed.fix_random_seeds(distributed.seed_for_rank(cfg.train.seed))
         return do_train(cfg, model, resume=not args.no_resume)
     finally:
+        if lock is not None:
+            lock.release()
         distributed.disable()

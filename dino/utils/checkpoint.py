@@ -13,11 +13,20 @@ Full state dicts keyed by parameter name are what make a checkpoint saved on N p
 
 Saving writes a temporary file in the same directory, fsyncs it and ``os.replace``-s it over the
 old file, so a crash during a save leaves the previous checkpoint loadable.
+
+A state with a NaN/inf tensor is never saved (:class:`NonFiniteStateError`). With ``keep > 1`` the
+last ``keep`` checkpoints stay as ``checkpoint_<iteration>.pth`` (hard links, so the newest costs no
+space beside ``checkpoint.pth``), listed with their largest absolute weight in ``checkpoints.json``;
+after a divergence :func:`describe_last_healthy` names the newest one that precedes it.
 """
+import json
 import logging
+import math
 import os
+import pickle
 import random
-from typing import Any, Dict, Optional
+import re
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -28,6 +37,14 @@ from dino import distributed
 logger = logging.getLogger("dino")
 
 CHECKPOINT_NAME = "checkpoint.pth"
+HISTORY_NAME = "checkpoints.json"
+# A weight this large means the run has diverged (trained ViT/Mamba weights stay within ~1e2; the
+# issue-15 run that ended in NaN had 6e28). Used only to name a healthy checkpoint, never to stop.
+DIVERGED_ABS_WEIGHT = 1e4
+
+
+class NonFiniteStateError(FloatingPointError):
+    """A model or optimizer tensor is NaN/inf: the state was not saved."""
 
 try:
     from torch.distributed.checkpoint.state_dict import (
@@ -79,6 +96,16 @@ def load_file(path: str) -> Dict[str, Any]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # Not torch's advice to retry with weights_only=False: that would run the file's code.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise RuntimeError(f"refusing checkpoint {path}: it holds a Python object ({found.group(1)}) beyond "
+                               "tensors and plain containers, and unpickling it could run code. Checkpoints written "
+                               "by this project never do; re-export the weights as a plain state dict") from None
+        detail = re.search(r"WeightsUnpickler error: \s*(.+)", str(e))
+        raise RuntimeError(f"cannot read checkpoint {path}: not a valid torch checkpoint (corrupt or another format"
+                           f"{': ' + detail.group(1).strip() if detail else ''})") from None
     except Exception as e:
         raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
 
@@ -134,6 +161,21 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     return get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
 
 
+def _state_health(model_sd: Dict[str, torch.Tensor], optim_sd: Dict[str, Any]):
+    """(name of the first non-finite tensor or None, largest absolute model weight)."""
+    max_abs = 0.0
+    for k, v in model_sd.items():
+        if torch.is_tensor(v) and v.is_floating_point() and v.numel():
+            if not torch.isfinite(v).all():
+                return f"model {k}", float("inf")
+            max_abs = max(max_abs, float(v.abs().max()))
+    for pid, st in (optim_sd.get("state") or {}).items():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.is_floating_point() and v.numel() and not torch.isfinite(v).all():
+                return f"optimizer state {k} of {pid}", max_abs
+    return None, max_abs
+
+
 def save_checkpoint(
     path: str,
     model: nn.Module,
@@ -141,13 +183,22 @@ def save_checkpoint(
     scaler,
     iteration: int,
     extra: Optional[Dict[str, Any]] = None,
+    keep: int = 1,
 ) -> None:
-    """Collective: every rank calls it; rank 0 writes ``path`` atomically."""
+    """Collective: every rank calls it; rank 0 writes ``path`` atomically, and keeps the last
+    ``keep`` checkpoints as ``checkpoint_<iteration>.pth`` beside it. Raises
+    :class:`NonFiniteStateError` (on every rank) instead of saving a non-finite state."""
     if hasattr(model, "flush_pending_state"):
         model.flush_pending_state()
     model_sd = full_model_state_dict(model)
     optim_sd = full_optimizer_state_dict(model, optimizer)
     rng = distributed.all_gather_object(capture_rng_state())
+    bad, max_abs = _state_health(model_sd, optim_sd) if distributed.is_main_process() else (None, 0.0)
+    bad = distributed.all_gather_object(bad)[0]
+    if bad is not None:
+        raise NonFiniteStateError(
+            f"refusing to save iteration {iteration}: {bad} is not finite; {path} keeps the previous state"
+        )
     if distributed.is_main_process():
         ckpt = {
             "model": model_sd,
@@ -159,8 +210,106 @@ def save_checkpoint(
             **(extra or {}),
         }
         atomic_save(ckpt, path)
-        logger.info("saved checkpoint %s (iteration %d)", path, iteration)
+        _record_history(os.path.dirname(os.path.abspath(path)), path, int(iteration), max_abs, keep)
+        logger.info("saved checkpoint %s (iteration %d, max |weight| %.3g)", path, iteration, max_abs)
     distributed.barrier()
+
+
+# -- history (last K checkpoints) -------------------------------------------------------------------
+def _read_history(directory: str) -> list:
+    try:
+        with open(os.path.join(directory, HISTORY_NAME)) as f:
+            entries = json.load(f)
+        return [e for e in entries if isinstance(e, dict) and "iteration" in e]
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+def _write_history(directory: str, entries: list) -> None:
+    path = os.path.join(directory, HISTORY_NAME)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(entries, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def history_name(iteration: int) -> str:
+    return f"checkpoint_{iteration:07d}.pth"
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp.{os.getpid()}")
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:  # a file system without hard links
+        import shutil
+
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _record_history(directory: str, path: str, iteration: int, max_abs: float, keep: int) -> None:
+    entries = [e for e in _read_history(directory) if e["iteration"] < iteration]
+    entry = {"iteration": iteration, "max_abs_weight": max_abs, "file": os.path.basename(path)}
+    if keep > 1:
+        entry["file"] = history_name(iteration)
+        _link_or_copy(path, os.path.join(directory, entry["file"]))
+    entries.append(entry)
+    for old in entries[:-keep]:
+        if old["file"] != os.path.basename(path):
+            try:
+                os.remove(os.path.join(directory, old["file"]))
+            except FileNotFoundError:
+                pass
+    _write_history(directory, entries[-keep:])
+
+
+def forget_checkpoints_after(directory: str, iteration: int) -> None:
+    """Resuming at ``iteration + 1``: later history entries belong to an abandoned run; drop them."""
+    entries = _read_history(directory)
+    later = [e for e in entries if e["iteration"] > iteration]
+    if not later:
+        return
+    for e in later:
+        if e["file"] != CHECKPOINT_NAME:
+            try:
+                os.remove(os.path.join(directory, e["file"]))
+            except FileNotFoundError:
+                pass
+    _write_history(directory, [e for e in entries if e["iteration"] <= iteration])
+    logger.warning("dropped %d checkpoint(s) after iteration %d (from an abandoned run): iterations %s",
+                   len(later), iteration, [e["iteration"] for e in later])
+
+
+def describe_last_healthy(directory: str, before_iteration: int) -> str:
+    """A sentence naming the newest kept checkpoint before ``before_iteration`` whose weights are
+    finite and below :data:`DIVERGED_ABS_WEIGHT` (and how to restart from it)."""
+    entries = [e for e in _read_history(directory)
+               if e["iteration"] < before_iteration and os.path.isfile(os.path.join(directory, e["file"]))]
+    if not entries:
+        return "no checkpoint was saved before it"
+    healthy = [e for e in entries if math.isfinite(e["max_abs_weight"]) and e["max_abs_weight"] <= DIVERGED_ABS_WEIGHT]
+    diverged = [e for e in entries if e not in healthy]
+    tail = ""
+    if diverged:
+        tail = (f"; the checkpoints of iterations {[e['iteration'] for e in diverged]} have weights up to "
+                f"{max(e['max_abs_weight'] for e in diverged):.3g} and are already diverged")
+    if not healthy:
+        return (f"every kept checkpoint is already diverged{tail}; raise train.keep_checkpoints or save more often "
+                "(train.saveckp_freq)")
+    best = healthy[-1]
+    path = os.path.join(directory, best["file"])
+    if best["file"] == CHECKPOINT_NAME or best is entries[-1]:
+        how = f"resume as usual (from {os.path.join(directory, CHECKPOINT_NAME)})"
+    else:
+        how = f"cp {path} {os.path.join(directory, CHECKPOINT_NAME)}, then resume"
+    return (f"the newest checkpoint before the divergence is {path} (iteration {best['iteration']}, "
+            f"max |weight| {best['max_abs_weight']:.3g}){tail}. To restart from it: {how}, with a lower "
+            "optim.base_lr or a stricter optim.clip_grad")
 
 
 def load_model_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True) -> None:
@@ -171,9 +320,29 @@ def load_model_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], st
     set_model_state_dict(model, state_dict, options=_full_options(strict=strict))
 
 
-def load_checkpoint(path: str, model: nn.Module, optimizer=None, scaler=None, restore_rng: bool = True) -> Dict[str, Any]:
+def _load_training_weights(model: nn.Module, state_dict, path: str) -> None:
+    """As :func:`load_model_weights`, but a mismatch is one line naming the tensors, not torch's list."""
+    try:
+        load_model_weights(model, state_dict)
+    except RuntimeError as e:
+        text = str(e)
+        names = re.findall(r"size mismatch for ([\w.]+)", text)
+        missing = re.findall(r'Missing key\(s\) in state_dict: ([^\n]*)', text)
+        unexpected = re.findall(r'Unexpected key\(s\) in state_dict: ([^\n]*)', text)
+        if not (names or missing or unexpected):
+            raise
+        parts = []
+        if names:
+            parts.append(f"{len(names)} tensor(s) of another shape ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})")
+        parts += [f"missing {m[:200]}" for m in missing] + [f"unexpected {u[:200]}" for u in unexpected]
+        raise RuntimeError(f"cannot resume from {path}: its weights do not fit this model: {'; '.join(parts)}") from None
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer=None, scaler=None, restore_rng: bool = True,
+                    check: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Restore ``model``/``optimizer``/``scaler``/RNG from ``path``; returns the checkpoint dict.
 
+    ``check(ckpt)`` runs after reading and before anything is loaded (e.g. architecture checks).
     Every rank reads the file (shared filesystem). RNG states are restored for ranks that existed
     in the saved run; other ranks keep their fresh seeds (exactness needs the same world size).
     """
@@ -181,7 +350,9 @@ def load_checkpoint(path: str, model: nn.Module, optimizer=None, scaler=None, re
     for key in ("model", "iteration"):
         if key not in ckpt:
             raise KeyError(f"{path} is not a training checkpoint: missing key {key!r}")
-    load_model_weights(model, ckpt["model"])
+    if check is not None:
+        check(ckpt)
+    _load_training_weights(model, ckpt["model"], path)
     if optimizer is not None:
         if ckpt.get("optimizer") is None:
             raise KeyError(f"{path} has no optimizer state")
@@ -207,6 +378,10 @@ def save_teacher_checkpoint(path: str, model: nn.Module, backbone_config: Option
     """Collective: ``{"teacher": teacher state dict (keys backbone.*, dino_head.*, ...)}`` for evaluation,
     readable by ``mambavision.load_pretrained``."""
     sd = full_model_state_dict(model.teacher)
+    bad = _state_health(sd, {})[0] if distributed.is_main_process() else None
+    bad = distributed.all_gather_object(bad)[0]
+    if bad is not None:
+        raise NonFiniteStateError(f"refusing to save the teacher checkpoint {path}: teacher {bad} is not finite")
     if distributed.is_main_process():
         obj = {"teacher": sd}
         if backbone_config is not None:

@@ -10,6 +10,8 @@ from PIL import Image
 import dino.data.datasets as datasets
 from dino.data.datasets import ImageFolderDataset, SyntheticDataset
 from dino.data.datasets import folder as folder_mod
+from dino.data.loaders import SeededSampleDataset
+from dino.data.unreadable import UnreadableSampleError
 
 
 @pytest.fixture(autouse=True)
@@ -44,32 +46,42 @@ def messy_folder(tmp_path):
     return root
 
 
-def test_folder_skips_and_counts_bad_files_and_converts_modes(messy_folder, caplog):
+def test_folder_names_and_counts_bad_files_and_converts_modes(messy_folder):
     ds = ImageFolderDataset(messy_folder)
     names = [os.path.basename(ds.path(i)) for i in range(len(ds))]
     assert names == ["a_rgb.png", "b_gray.png", "c_rgba.png", "d_zero.png", "e_gray16.png",
                      "f_truncated.png", "g_garbage.jpg", "h_palette.png"]  # sorted; .txt and hidden ignored
     assert ds.classes == [] and ds.num_skipped == 0
-    with caplog.at_level(logging.WARNING, logger="dino"):
-        items = [ds[i] for i in range(len(ds))]
-        items_again = [ds[i] for i in range(len(ds))]
-    assert ds.num_skipped == 3
+    good = [0, 1, 2, 4, 7]
+    for _ in range(2):
+        for i in (3, 5, 6):  # each bad file is named
+            with pytest.raises(UnreadableSampleError, match=names[i]):
+                ds[i]
+    assert ds.num_skipped == 3  # counted once per file
     assert sorted(os.path.basename(p) for p in ds.skipped_paths) == ["d_zero.png", "f_truncated.png", "g_garbage.jpg"]
-    warned = [r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage()]
-    assert len(warned) == 3 and any("f_truncated.png" in w for w in warned)  # once per file
-    for img, target in items:
+    items = {i: ds[i] for i in good}
+    for img, target in items.values():
         assert isinstance(img, Image.Image) and img.mode == "RGB" and img.size == (16, 16) and target == 0
-    arr = [np.asarray(img) for img, _ in items]
-    # A bad file is replaced, deterministically, by the next readable one.
-    np.testing.assert_array_equal(arr[3], arr[4])
-    np.testing.assert_array_equal(arr[5], arr[7])
-    np.testing.assert_array_equal(arr[6], arr[7])
-    for (a, _), (b, _) in zip(items, items_again):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    arr = {i: np.asarray(img) for i, (img, _) in items.items()}
     assert (arr[1] == 77).all()                                  # greyscale -> RGB
     assert (arr[2][:8] == (10, 20, 30)).all() and (arr[2][8:] == 255).all()  # alpha -> white glass
     assert (np.abs(arr[4].astype(int) - 128) <= 1).all()         # 16-bit rescaled, not clipped to 255
     assert arr[7].shape == (16, 16, 3) and arr[7][0, 1, 0] != arr[7][0, 0, 0]  # palette expanded
+
+
+def test_loader_replaces_bad_files_deterministically(messy_folder, caplog):
+    """Through the training wrapper, a bad file becomes a substitute drawn from (seed, position)."""
+    ds = ImageFolderDataset(messy_folder)
+    wrapped = SeededSampleDataset(ds, seed=4)
+    with caplog.at_level(logging.WARNING, logger="dino"):
+        first = [wrapped[(p, p % len(ds))] for p in range(16)]
+    warned = [r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage()]
+    again = [SeededSampleDataset(ImageFolderDataset(messy_folder), seed=4)[(p, p % len(ds))] for p in range(16)]
+    for (sa, pa, ua), (sb, pb, ub) in zip(first, again):
+        assert pa == pb and ua == ub
+        np.testing.assert_array_equal(np.asarray(sa[0]), np.asarray(sb[0]))
+    assert [u > 0 for _, _, u in first] == [i % 8 in (3, 5, 6) for i in range(16)]
+    assert len(warned) == 3 and any("f_truncated.png" in w for w in warned)  # once per file and process
 
 
 def test_folder_applies_transforms(messy_folder):
@@ -90,9 +102,9 @@ def test_folder_errors_are_clear(tmp_path):
     bad.mkdir()
     for i in range(3):
         (bad / f"{i}.png").write_bytes(b"")
+    with pytest.raises(UnreadableSampleError, match="the data set looks broken"):
+        SeededSampleDataset(ImageFolderDataset(bad), seed=0)[(0, 0)]
     ds = ImageFolderDataset(bad)
-    with pytest.raises(RuntimeError, match="consecutive unreadable"):
-        ds[0]
     with pytest.raises(IndexError):
         ds[3]
 

@@ -5,8 +5,10 @@ on disk and reused while no listed directory has changed (checked through direct
 The listing is held in numpy arrays rather than Python lists, so DataLoader workers that fork
 from the main process share it instead of copying it page by page through refcount writes.
 
-A file that cannot be decoded (zero bytes, truncated, not an image) never stops a run: it is
-logged once, counted in ``num_skipped`` and replaced by the next readable file in the listing.
+A file that cannot be decoded (zero bytes, truncated, not an image, over PIL's pixel limit) raises
+:class:`~dino.data.unreadable.UnreadableSampleError` naming it, is remembered and counted in
+``num_skipped``; the training loader replaces it by a deterministic substitute. A directory that
+cannot be listed, or a symlink loop, is skipped with a warning while listing.
 """
 from __future__ import annotations
 
@@ -21,13 +23,15 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from dino.data.unreadable import UnreadableSampleError
 from dino.utils.atomic import atomic_temp_path
 
 logger = logging.getLogger("dino")
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 _CACHE_VERSION = 1
-_MAX_CONSECUTIVE_SKIPS = 1000  # a run of unreadable files this long means the data, not a file, is broken
+# What a corrupt or hostile file raises while decoding (SyntaxError: some PIL decoders' corrupt headers).
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def _cache_dir() -> Path:
@@ -47,21 +51,37 @@ def _scan(root: Path, extensions: tuple[str, ...], recursive: bool) -> tuple[lis
     """Sorted relative paths of image files under root, and the mtime of every directory read."""
     files: list[str] = []
     dirs: dict[str, int] = {}
+    seen: set[tuple[int, int]] = set()  # (device, inode) of every directory listed: no symlink loops
     stack = [""]
     while stack:
         rel = stack.pop()
         full = root / rel if rel else root
-        dirs[rel] = full.stat().st_mtime_ns
-        with os.scandir(full) as it:
-            for entry in it:
-                name = f"{rel}/{entry.name}" if rel else entry.name
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir(follow_symlinks=True):
-                    if recursive:
-                        stack.append(name)
-                elif os.path.splitext(entry.name)[1].lower() in extensions:
-                    files.append(name)
+        try:
+            st = full.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                logger.warning("ImageFolderDataset: skipping %s: a symlink back to a folder already listed", full)
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = list(os.scandir(full))
+        except OSError as err:
+            if not rel:
+                raise
+            logger.warning("ImageFolderDataset: skipping folder %s (%s)", full, err)
+            continue
+        dirs[rel] = st.st_mtime_ns
+        for entry in entries:
+            name = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:  # a broken or looping link: listed as a file, reported when read
+                is_dir = False
+            if is_dir:
+                if recursive:
+                    stack.append(name)
+            elif os.path.splitext(entry.name)[1].lower() in extensions:
+                files.append(name)
     files.sort()
     return files, dirs
 
@@ -188,28 +208,22 @@ class ImageFolderDataset(Dataset):
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
         index %= n
-        for step in range(min(n, _MAX_CONSECUTIVE_SKIPS)):
-            i = (index + step) % n
-            if i in self._bad:
-                continue
-            path = self.path(i)
-            try:
-                image = _load_rgb(path)
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-                # SyntaxError: some PIL decoders report corrupt headers that way.
-                self._bad.add(i)
-                self.num_skipped += 1
-                logger.warning("ImageFolderDataset: skipping unreadable image %s (%s: %s); %d skipped so far",
-                               path, type(err).__name__, err, self.num_skipped)
-                continue
-            target = self.target(i)
-            if self.transform is not None:
-                image = self.transform(image)
-            if self.target_transform is not None:
-                target = self.target_transform(target)
-            return image, target
-        raise RuntimeError(f"ImageFolderDataset: {min(n, _MAX_CONSECUTIVE_SKIPS)} consecutive unreadable images "
-                           f"from {self.path(index)}; the folder {self.root} looks corrupt")
+        path = self.path(index)
+        if index in self._bad:
+            raise UnreadableSampleError(f"unreadable image {path} (already reported)")
+        try:
+            image = _load_rgb(path)
+        except _DECODE_ERRORS as err:
+            self._bad.add(index)
+            self.num_skipped += 1
+            raise UnreadableSampleError(f"unreadable image {path} ({type(err).__name__}: {err}); "
+                                        f"{self.num_skipped} in this folder so far") from err
+        target = self.target(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
 
     @property
     def skipped_paths(self) -> list[str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
+from dino.data.unreadable import UnreadableSampleError
 from dino.data.wsi.patching import level_downsample, open_slide, read_coords_h5, read_patch
 
 DEFAULT_SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn")
@@ -163,8 +164,13 @@ class WSICoordsDataset(Dataset):
         try:
             image = self.get_image(index)
         except Exception as err:
+            # OpenSlide handles stay in an error state after one failed read: reopen next time.
+            handle = self._handles.pop(int(self.slide_index[index]), None)
+            if handle is not None:
+                handle.close()
             path, x, y = self.get_location(index)
-            raise RuntimeError(f"cannot read patch {index} at ({x}, {y}) of {path}: {err}") from err
+            # The loader replaces it by a substitute and counts it (dino.data.unreadable).
+            raise UnreadableSampleError(f"cannot read patch {index} at ({x}, {y}) of {path}: {err}") from err
         target = 0
         if self.transform is not None:
             image = self.transform(image)

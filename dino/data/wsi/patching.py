@@ -9,6 +9,7 @@ a bad slide, skips slides already done, and writes ``summary.csv``.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 import traceback
@@ -446,6 +447,51 @@ def _run_pool(slides, out_dir, cfg, skip_existing, workers, on_result):
         on_result(result)
 
 
+PARAMS_NAME = "patching_params.json"
+# Fields that decide the patch grid; output-only switches (PNGs, thumbnails) may change between runs.
+_GRID_FIELDS = ("patch_size", "step_size", "patch_level", "target_mpp", "target_mag", "min_tissue", "seg")
+
+
+def grid_params(cfg: PatchingConfig) -> dict:
+    d = asdict(cfg)
+    return {k: d[k] for k in _GRID_FIELDS}
+
+
+def check_and_record_params(out_dir, cfg: PatchingConfig, overwrite: bool = False) -> None:
+    """Refuse to add slides patched with other grid parameters to ``out_dir`` (their coords would mix
+    with the old ones, e.g. 128-px and 64-px patches); record the parameters in ``patching_params.json``.
+    With ``overwrite`` every slide is redone, so new parameters are accepted."""
+    out_dir = Path(out_dir)
+    path = out_dir / PARAMS_NAME
+    new = grid_params(cfg)
+    old = None
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = None
+    elif not overwrite:  # an output of a version that did not record parameters: check a coords file
+        for h5 in sorted((out_dir / "coords").glob("*.h5"))[:1]:
+            try:
+                _, attrs = read_coords_h5(h5)
+            except (OSError, KeyError, ValueError):
+                continue
+            size = int(attrs.get("target_patch_size", attrs.get("patch_size", cfg.patch_size)))
+            if size != cfg.patch_size:
+                old = {"patch_size": size}
+    if old is not None and not overwrite:
+        diff = {k: (old[k], new[k]) for k in new if k in old and old[k] != new[k]}
+        if diff:
+            listed = ", ".join(f"{k}={a!r} there, {b!r} asked" for k, (a, b) in diff.items())
+            raise ValueError(f"{out_dir} holds patches made with other parameters ({listed}); "
+                             "use another --save-dir, or --overwrite to redo every slide")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_temp_path(path)
+    with open(tmp, "w") as f:
+        json.dump(new, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
 def process_slides(slides, out_dir, cfg: PatchingConfig | None = None, workers=1, skip_existing=True, progress=True):
     """Patch every slide in ``slides`` into ``out_dir``; returns the list of :class:`SlideResult`.
 
@@ -491,7 +537,8 @@ def summarize(results):
 
 
 __all__ = [
-    "PatchGeometry", "PatchingConfig", "SlideResult", "SLIDE_EXTENSIONS", "coords_complete", "draw_thumbnail",
+    "PatchGeometry", "PatchingConfig", "SlideResult", "SLIDE_EXTENSIONS", "check_and_record_params", "coords_complete",
+    "draw_thumbnail", "grid_params",
     "find_slides", "open_slide", "patch_grid", "patch_slide", "process_slides", "read_coords_h5", "read_patch",
     "resolve_geometry", "slide_mpp", "summarize", "to_rgb", "write_coords_h5", "write_summary",
 ]
