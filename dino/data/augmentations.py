@@ -13,7 +13,7 @@ from torchvision import transforms
 
 from mambavision import HE_MEAN, HE_STD  # noqa: F401  (re-exported by dino.data: the H&E statistics)
 
-logger = logging.getLogger("dinov2")
+logger = logging.getLogger("dino")  # the logger setup_logging configures
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)

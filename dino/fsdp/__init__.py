@@ -13,7 +13,8 @@ tests run:
 ``mixed_precision.param_dtype`` / ``reduce_dtype`` become a ``MixedPrecisionPolicy`` and
 ``buffer_dtype`` casts the module's buffers; on CPU all three are fp32 (no fast half precision
 there). Sharded parameters are DTensors; their local shards are what the optimiser and the
-teacher EMA touch. A single process is never wrapped.
+teacher EMA touch. A single CPU process has no process group and is not wrapped; a single CUDA
+process gets a one-rank NCCL group (``dino.distributed.enable``) and is wrapped like any other run.
 """
 import logging
 from typing import Iterable
@@ -46,7 +47,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def uses_fsdp() -> bool:
-    """FSDP2 whenever there is a process group (any device); a single process runs unwrapped."""
+    """FSDP2 whenever there is a process group: every CUDA run (one rank included) and multi-process CPU runs."""
     return distributed.is_enabled()
 
 

@@ -3,7 +3,7 @@
 import logging
 from collections import defaultdict
 
-logger = logging.getLogger("dinov2")
+logger = logging.getLogger("dino")  # the logger setup_logging configures
 
 # Components that wrappers insert into parameter names (FSDP1, activation checkpointing,
 # torch.compile); they are dropped so names match the plain module's.

@@ -15,7 +15,7 @@ def tiny(name, **kw):
 
 
 def test_all_six_paper_backbones_are_registered():
-    assert {"mv_hybrid", "vit_12", "vit_24"} <= set(MODELS)
+    assert {"mv_hybrid", "vit_12", "vit_24", "vim_einfft", "hydra_einfft", "hydra_hybrid"} <= set(MODELS)
 
 
 @pytest.mark.parametrize("name", MODELS)
