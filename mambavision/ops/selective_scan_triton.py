@@ -61,6 +61,15 @@ def _column(tile, offs, j):
 
 
 @triton.jit
+def _per_channel(ptr, offs_d, mask_d, PRESENT: tl.constexpr, BD: tl.constexpr):
+    # An optional (d,) vector (D, delta_bias) as fp32; zeros when absent.
+    v = tl.zeros([BD], dtype=tl.float32)
+    if PRESENT:
+        v = tl.load(ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
 def _delta(dt_ptr, bias, ptr, m2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     raw = tl.load(dt_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -88,12 +97,8 @@ def _scan_fwd_kernel(
     row = pid_b * D * L + offs_d[:, None] * L  # u, delta, z, out: contiguous (b, d, l)
     bc_row = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L  # B, C: (b, g, n, l)
     state = offs_d[:, None] * N + offs_n[None, :]
-    Dv = tl.zeros([BD], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    bias = tl.zeros([BD], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = _per_channel(D_ptr, offs_d, mask_d, HAS_D, BD)
+    bias = _per_channel(bias_ptr, offs_d, mask_d, HAS_BIAS, BD)
 
     carry = tl.zeros([BD, BN], dtype=tl.float32)  # the state entering the chunk
     for c in range(0, n_chunks):
@@ -140,12 +145,8 @@ def _scan_bwd_kernel(
     bc_row = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L
     state = offs_d[:, None] * N + offs_n[None, :]
     part_row = (pid_b * n_dblocks + pid_d) * N * L  # this program's partial sums of dB, dC: (b, d-blocks, n, l)
-    Dv = tl.zeros([BD], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    bias = tl.zeros([BD], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = _per_channel(D_ptr, offs_d, mask_d, HAS_D, BD)
+    bias = _per_channel(bias_ptr, offs_d, mask_d, HAS_BIAS, BD)
 
     g_carry = tl.load(dlast_ptr + pid_b * D * N + state, mask=mask_dn, other=0.0).to(tl.float32)  # dL/dh after the chunk
     dA = tl.zeros([BD, BN], dtype=tl.float32)
