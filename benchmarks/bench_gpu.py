@@ -307,7 +307,7 @@ def bench_step(args, device, report, peak):
                 peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                 finite=bool(torch.isfinite(torch.stack(losses)).all()))
             print(f"  {arch} {mode}: {rows[f'{arch} | {mode}']}", flush=True)
-            del model, opt
+            model = opt = None  # free the GPU memory before the next configuration
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     lines = [f"DINOv2 step, paper config, batch {args.step_batch} per GPU, one GPU (one-rank FSDP2), synthetic "
@@ -399,7 +399,7 @@ def bench_profile(args, device, report):
         top = sorted(((getattr(e, "self_device_time_total", 0.0), e.key) for e in prof.key_averages()
                       if not e.key.startswith("aten::")), reverse=True)[:8]
         rows[impl]["top_kernels"] = [(k[:90], t / 3 / 1e3) for t, k in top]
-        del model
+        model = None
     cats = sorted({c for r in rows.values() for c in r if c not in ("ms_per_step", "top_kernels")})
     lines = [f"mv_hybrid train step (forward_features + backward, bs {batch}, 256 px, bf16 autocast): GPU kernel time "
              "by category (torch.profiler)", "", "| category | " + " | ".join(f"EinFFT {i}" for i in rows) + " |",

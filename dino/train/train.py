@@ -291,7 +291,7 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
                 raise NonFiniteLossError(
                     f"non-finite loss at iteration {iteration}: "
                     + ", ".join(f"{k}={v}" for k, v in losses.items())
-                    + f". Stopped before the optimiser step; "
+                    + ". Stopped before the optimiser step; "
                     + describe_last_healthy(out_dir, iteration)
                 )
 

@@ -4,6 +4,8 @@ from .block import MixerBlock
 from .cls_token import insert_middle_cls
 from .drop_path import DropPath, drop_path
 from .einfft import EinFFT
+from .hybrid_stack import BlockStack, attention_start, hybrid_blocks
+from .init import init_mambavision_weights, inverse_softplus_dt, lecun_normal_
 from .layer_scale import LayerScale
 from .mlp import Mlp
 from .norms import RMSNorm, RMSNormGated
@@ -13,4 +15,5 @@ from .pos_embed import middle_cls_pos_embed, resample_patch_pos_embed
 __all__ = [
     "Attention", "MixerBlock", "DropPath", "drop_path", "EinFFT", "LayerScale", "Mlp", "RMSNorm",
     "RMSNormGated", "PatchEmbed", "resample_patch_pos_embed", "middle_cls_pos_embed", "insert_middle_cls",
+    "BlockStack", "attention_start", "hybrid_blocks", "init_mambavision_weights", "inverse_softplus_dt", "lecun_normal_",
 ]

@@ -19,12 +19,18 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from ..layers import RMSNormGated, insert_middle_cls, middle_cls_pos_embed
+from ..layers import (
+    RMSNormGated,
+    attention_start,
+    hybrid_blocks,
+    init_mambavision_weights,
+    insert_middle_cls,
+    inverse_softplus_dt,
+    middle_cls_pos_embed,
+)
 from ..ops import mamba_chunk_scan_combined
 from ..registry import register_model
 from .backbone import Backbone
-from .mv_hybrid import attention_start, hybrid_blocks, init_mambavision_weights
-from .vim import _inverse_softplus_dt
 
 
 class HydraMixer(nn.Module):
@@ -63,7 +69,7 @@ class HydraMixer(nn.Module):
         conv_dim = self.d_inner + 2 * bc
         # Non-causal depthwise conv: each direction's scan sees a symmetric local window.
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, kernel_size=d_conv, groups=conv_dim, padding=d_conv // 2, bias=True)
-        self.dt_bias = nn.Parameter(_inverse_softplus_dt(self.nheads, dt_min, dt_max, dt_init_floor))
+        self.dt_bias = nn.Parameter(inverse_softplus_dt(self.nheads, dt_min, dt_max, dt_init_floor))
         # Hydra initialises A = -1 for every head (A_log = 0), not Mamba-2's U[1, 16].
         self.A_log = nn.Parameter(torch.zeros(self.nheads))
         self.D = nn.Parameter(torch.ones(self.nheads))

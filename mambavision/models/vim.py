@@ -15,16 +15,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ..layers import DropPath, EinFFT, RMSNorm, insert_middle_cls, middle_cls_pos_embed
+from ..layers import DropPath, EinFFT, RMSNorm, insert_middle_cls, inverse_softplus_dt, lecun_normal_, middle_cls_pos_embed
 from ..ops import causal_conv1d_fn, selective_scan_fn
 from ..registry import register_model
 from .backbone import Backbone
-
-
-def _inverse_softplus_dt(n: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> torch.Tensor:
-    """Mamba's dt bias init: softplus^-1 of step sizes log-uniform in [dt_min, dt_max]."""
-    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
-    return dt + torch.log(-torch.expm1(-dt))
 
 
 class VimMixer(nn.Module):
@@ -56,7 +50,7 @@ class VimMixer(nn.Module):
         with torch.no_grad():
             bound = self.dt_rank ** -0.5
             nn.init.uniform_(self.dt_proj.weight, -bound, bound)
-            self.dt_proj.bias.copy_(_inverse_softplus_dt(self.d_inner))
+            self.dt_proj.bias.copy_(inverse_softplus_dt(self.d_inner))
             # Vim quirk, kept: only the forward dt bias gets the dt init. The backward one keeps
             # nn.Linear's default weight and its bias is zeroed by the model-wide init (it lacks
             # _no_reinit), so the backward branch starts at delta = softplus(W dt) ~ 0.69.
@@ -106,13 +100,6 @@ class VimBlock(nn.Module):
         x = x + self.drop_path(self.mixer(self.norm(x).to(self.norm.weight.dtype)))
         x = x + self.drop_path(self.channel_mixer(self.norm2(x).to(self.norm2.weight.dtype)))
         return x
-
-
-def lecun_normal_(w: torch.Tensor) -> torch.Tensor:
-    """Truncated normal with variance 1/fan_in, cut at 2 std (timm's ``lecun_normal_``)."""
-    fan_in = w[0].numel()
-    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # std of a unit normal truncated at +-2
-    return nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
 
 
 class VimEinFFT(Backbone):

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import mambavision
 from mambavision.layers import EinFFT
-from mambavision.models.mv_hybrid import MambaVisionMixer, attention_start
+from mambavision.layers import attention_start
+from mambavision.models.mv_hybrid import MambaVisionMixer
 
 
 def n_params(m):
