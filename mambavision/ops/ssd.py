@@ -8,13 +8,15 @@ Per head ``h`` (scalar decay ``A_h``), with ``B``/``C`` shared by the ``h / g`` 
 
 Backends, chosen at call time:
 
-* ``"triton"``: mamba-ssm's fused Triton kernels (``mamba_ssm.ops.triton.ssd_combined``), used
-  when mamba-ssm is importable and the input is on CUDA.
+* ``"cuda"``: mamba-ssm's fused kernels (``mamba_ssm.ops.triton.ssd_combined``, written in Triton but shipped,
+  and importable only, with mamba-ssm's CUDA build), used when mamba-ssm is importable and the input is on
+  CUDA. Backend names mean the same for every op here: ``cuda`` is the upstream CUDA package's kernel,
+  ``triton`` the project's own Triton kernel (the SSD has none), ``torch`` plain PyTorch.
 * ``"torch"``: the chunked SSD algorithm in plain PyTorch (the "ssd_minimal" formulation of
   Dao & Gu, 2024: quadratic attention-like form inside a chunk, linear recurrence between
   chunks). It runs anywhere, in fp32, and supports autograd through ordinary ops.
 
-Force one with ``backend=`` or the environment variable ``MAMBAVISION_SSD_BACKEND=torch|triton``.
+Force one with ``backend=`` or the environment variable ``MAMBAVISION_SSD_BACKEND=torch|cuda``.
 ``ssd_ref`` is a step-by-step recurrence used by the tests as the ground truth.
 """
 from typing import Optional, Tuple, Union
@@ -40,14 +42,14 @@ def _triton_fn():
 
 
 def ssd_backends() -> Tuple[str, ...]:
-    """Backends usable in this process (``"torch"`` always; ``"triton"`` if mamba-ssm imports)."""
-    return ("torch", "triton") if _triton_fn() is not None else ("torch",)
+    """Backends usable in this process (``"torch"`` always; ``"cuda"`` if mamba-ssm imports)."""
+    return ("torch", "cuda") if _triton_fn() is not None else ("torch",)
 
 
 def _resolve_backend(backend: Optional[str], x: torch.Tensor) -> str:
     return choose_backend(
         "SSD", backend, _ENV_VAR,
-        [("triton", x.is_cuda and _triton_fn() is not None,
+        [("cuda", x.is_cuda and _triton_fn() is not None,
           lambda: (f"mamba-ssm is not importable ({import_error(_TRITON_MODULE)})" if _triton_fn() is None
                    else f"x is on {x.device}, not CUDA"))],
     )
@@ -202,7 +204,7 @@ def mamba_chunk_scan_combined(
             at 64, which is faster there; the result is the same up to rounding).
         D: (nheads,) or (nheads, headdim) skip connection. z: like x, output gate ``y * silu(z)``.
         dt_bias: (nheads,) added to dt before the softplus. initial_states: (batch, nheads, headdim, dstate).
-        backend: ``"auto"`` (default), ``"torch"`` or ``"triton"``; overrides ``$MAMBAVISION_SSD_BACKEND``.
+        backend: ``"auto"`` (default), ``"torch"`` or ``"cuda"``; overrides ``$MAMBAVISION_SSD_BACKEND``.
 
     Returns y (batch, seqlen, nheads, headdim) in x's dtype, and the fp32 final state
     (batch, nheads, headdim, dstate) if ``return_final_states``.
@@ -210,7 +212,7 @@ def mamba_chunk_scan_combined(
     _check_shapes(x, dt, A, B, C, D, z, dt_bias, initial_states)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if _resolve_backend(backend, x) == "triton":
+    if _resolve_backend(backend, x) == "cuda":
         return _triton_fn()(
             x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
             dt_softplus=dt_softplus, dt_limit=dt_limit, return_final_states=return_final_states,
