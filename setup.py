@@ -40,7 +40,12 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=find_packages(include=["mambavision*", "dino*", "eval*"]),
+    # The top-level configs/ (the default schema and the paper recipes) ship inside the package as
+    # dino/configs/files, where dino.configs finds them when there is no checkout.
+    packages=find_packages(include=["mambavision*", "dino*", "eval*"])
+    + ["dino.configs.files", "dino.configs.files.train", "dino.configs.files.demo"],
+    package_dir={"dino.configs.files": "configs"},
+    package_data={"dino.configs.files": ["*.yaml", "train/*.yaml", "demo/*.yaml"]},
     include_package_data=True,
     install_requires=CORE,
     extras_require=EXTRAS,

@@ -20,7 +20,33 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 logger = logging.getLogger("dino")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG_PATH = REPO_ROOT / "configs" / "ssl_default.yaml"
+
+
+def _config_dir() -> Path:
+    """The project's ``configs/`` folder: the checkout's, else the copy a wheel installs as
+    ``dino/configs/files`` (setup.py maps it there), so a plain ``pip install .`` can train."""
+    checkout = REPO_ROOT / "configs"
+    if (checkout / "ssl_default.yaml").is_file():
+        return checkout
+    return Path(__file__).resolve().parent / "files"
+
+
+CONFIG_DIR = _config_dir()
+DEFAULT_CONFIG_PATH = CONFIG_DIR / "ssl_default.yaml"
+
+
+def resolve_config_file(path: str) -> str:
+    """``path`` if it is a file; else the shipped recipe of that name (``configs/train/mv_hybrid.yaml``,
+    ``train/mv_hybrid.yaml``), so the README's commands work from any folder after ``pip install``."""
+    if os.path.isfile(path):
+        return path
+    rel = Path(path)
+    if rel.parts and rel.parts[0] == "configs":
+        rel = Path(*rel.parts[1:])
+    shipped = CONFIG_DIR / rel
+    if not rel.is_absolute() and shipped.is_file():
+        return str(shipped)
+    raise FileNotFoundError(f"config file not found: {path} (nor as a shipped recipe under {CONFIG_DIR})")
 
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -140,8 +166,7 @@ def build_config(config_file: Optional[str] = None, opts: Sequence[str] = ()) ->
     cfg = load_default_config()
     sources: Dict[str, str] = {}
     if config_file:
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"config file not found: {config_file}")
+        config_file = resolve_config_file(config_file)
         try:
             loaded = OmegaConf.load(config_file)
         except Exception as e:  # yaml syntax errors

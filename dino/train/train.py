@@ -27,7 +27,7 @@ from typing import Dict
 import torch
 
 from dino import distributed, fsdp
-from dino.configs.config import config_to_yaml, setup, write_config
+from dino.configs.config import ConfigError, config_to_yaml, setup, write_config
 from dino.data.loaders import make_data_loader, make_dataset
 from dino.data.unreadable import UnreadableBudget
 from dino.train.ssl_meta_arch import SSLMetaArch, backbone_config
@@ -328,6 +328,9 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
 def main(argv=None) -> Dict:
     args = get_args_parser().parse_args(argv)
     cfg = setup(args)
+    if not cfg.train.dataset_path:  # no silent fallback to synthetic tissue
+        raise ConfigError("train.dataset_path is not set: pass train.dataset_path=Folder:root=DIR (or "
+                          "WSICoords:slides=DIR:coords=DIR; Synthetic for a demo)")
     lock = None
     try:
         lock = prepare_output_dir(cfg.train.output_dir, fresh=args.no_resume)  # one run per output dir
