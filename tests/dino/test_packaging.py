@@ -1,6 +1,7 @@
 """A plain (non-editable) install of the built wheel trains: the configs ship inside the package."""
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -22,8 +23,12 @@ def installed(tmp_path_factory):
     """A fresh venv holding only the built wheel; the heavy dependencies (torch, ...) come from this
     interpreter's site-packages through a .pth line, where the editable install's hook is not run."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # Build from a copy: setuptools writes build/ and *.egg-info next to the sources it builds.
+    src = tmp / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".gpu", ".whl", "build", "dist", "outputs", "*.egg-info", "__pycache__", ".pytest_cache"))
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"),
-          REPO])
+          str(src)])
     wheel = next((tmp / "dist").glob("mvhybrid-*.whl"))
     venv = tmp / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
