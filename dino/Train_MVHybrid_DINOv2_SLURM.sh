@@ -8,7 +8,9 @@
 # Submit from the repository root. Environment variables:
 #   DATASET_PATH  (required) dataset string for train.dataset_path, e.g. Folder:root=/data/pngs
 #   OUTPUT_DIR    (required) checkpoints and logs; a requeued job resumes from here
-#   CONFIG        experiment yaml (default configs/train/mv_hybrid.yaml)
+#   ARCH          backbone whose paper recipe to train: configs/train/$ARCH.yaml (default mv_hybrid; any of
+#                 mv_hybrid vit_12 vit_24 vim_einfft hydra_einfft hydra_hybrid)
+#   CONFIG        experiment yaml (default configs/train/$ARCH.yaml)
 #   PYTHON        interpreter with the package installed (default: python on PATH)
 #   REPO_DIR      repository root (default: the directory sbatch was called from)
 # Arguments to this script are passed to the trainer as extra key=value overrides.
@@ -17,7 +19,7 @@
 # Time limit / preemption: SLURM signals this shell with USR1 120 s before the end
 # (--signal=B:USR1@120). The shell forwards USR1 to the training tasks through srun, waits
 # while the trainer writes its checkpoint and exits, then requeues the job (--requeue).
-# The per-backbone scripts in scripts/slurm/ set CONFIG and run this file.
+# Another backbone: ARCH=vit_12 sbatch --job-name=dinov2-vit_12 dino/Train_MVHybrid_DINOv2_SLURM.sh
 #SBATCH --job-name=mvhybrid-dinov2
 #SBATCH --nodes=3
 #SBATCH --ntasks-per-node=8
@@ -39,7 +41,7 @@ die() {
 
 [[ -n "${DATASET_PATH:-}" ]] || die "DATASET_PATH is not set; e.g. DATASET_PATH='WSICoords:slides=/data/slides:coords=/data/patches/coords' or 'Folder:root=/data/pngs'"
 [[ -n "${OUTPUT_DIR:-}" ]] || die "OUTPUT_DIR is not set; it holds the checkpoints a requeued job resumes from"
-CONFIG="${CONFIG:-configs/train/mv_hybrid.yaml}"
+CONFIG="${CONFIG:-configs/train/${ARCH:-mv_hybrid}.yaml}"
 REPO_DIR="${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}"
 PYTHON="${PYTHON:-python}"
 

@@ -158,6 +158,33 @@ def _with_source(err: ConfigError, sources: Dict[str, str]) -> ConfigError:
     return ConfigError(f"{text} (set in {hits[0][2]})") if hits else err
 
 
+BASE_KEY = "_base_"
+
+
+def _config_chain(path: str, seen: Sequence[str] = ()) -> List:
+    """``[(file, yaml), ...]`` from the outermost base to ``path``.
+
+    An experiment yaml may start with ``_base_: other.yaml`` (relative to its own folder): it is then
+    applied over that file, so the paper's recipe lives once (``configs/train/paper.yaml``) and each
+    backbone's file holds only what differs.
+    """
+    if path in seen:
+        raise ConfigError(f"{BASE_KEY} cycle: {' -> '.join([*seen, path])}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors
+        raise ConfigError(f"cannot parse config file {path}: {e}") from None
+    base = loaded.pop(BASE_KEY, None) if isinstance(loaded, DictConfig) else None
+    if base is None:
+        return [(path, loaded)]
+    if not isinstance(base, str):
+        raise ConfigError(f"{BASE_KEY} in {path} must be a file name, got {base!r}")
+    base_path = os.path.join(os.path.dirname(os.path.abspath(path)), base)
+    if not os.path.isfile(base_path):
+        raise FileNotFoundError(f"{BASE_KEY}: {base} (named in {path}) not found at {base_path}")
+    return _config_chain(base_path, (*seen, path)) + [(path, loaded)]
+
+
 def build_config(config_file: Optional[str] = None, opts: Sequence[str] = ()) -> DictConfig:
     """Merge the default, ``config_file`` and the dotlist ``opts``; validate; return the config.
 
@@ -166,12 +193,8 @@ def build_config(config_file: Optional[str] = None, opts: Sequence[str] = ()) ->
     cfg = load_default_config()
     sources: Dict[str, str] = {}
     if config_file:
-        config_file = resolve_config_file(config_file)
-        try:
-            loaded = OmegaConf.load(config_file)
-        except Exception as e:  # yaml syntax errors
-            raise ConfigError(f"cannot parse config file {config_file}: {e}") from None
-        cfg = _checked_merge(cfg, loaded, config_file, sources)
+        for path, loaded in _config_chain(resolve_config_file(config_file)):
+            cfg = _checked_merge(cfg, loaded, path, sources)
     opts = list(opts or [])
     bad = [o for o in opts if "=" not in o]
     if bad:

@@ -11,7 +11,7 @@ from dino.configs import ConfigError, apply_scaling_rules, build_config, write_c
 from dino.configs.config import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "configs"
-PAPER_CONFIGS = sorted((CONFIGS / "train").glob("*.yaml"))
+PAPER_CONFIGS = sorted(p for p in (CONFIGS / "train").glob("*.yaml") if p.stem != "paper")  # paper.yaml: the shared base
 
 
 def test_defaults_are_dinov2():
@@ -147,3 +147,28 @@ def test_cli_unknown_key_fails_before_any_work(tmp_path):
     assert r.returncode == 1
     assert "unknown config key 'optim.epochz'" in r.stderr and "Traceback" not in r.stderr
     assert not (out / "checkpoint.pth").exists() and not (out / "training_metrics.json").exists()
+
+
+def test_paper_recipe_has_one_home_and_backbones_differ_only_in_arch():
+    paper = OmegaConf.to_container(build_config(str(CONFIGS / "train" / "paper.yaml")))
+    for arch in ("mv_hybrid", "vit_12", "vit_24", "vim_einfft", "hydra_einfft", "hydra_hybrid"):
+        path = CONFIGS / "train" / f"{arch}.yaml"
+        assert OmegaConf.load(path)["_base_"] == "paper.yaml"
+        cfg = OmegaConf.to_container(build_config(str(path)))
+        assert cfg["student"].pop("arch") == arch
+        assert cfg == {**paper, "student": {k: v for k, v in paper["student"].items() if k != "arch"}}
+
+
+def test_base_chain_errors_name_the_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"_base_ cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        build_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("_base_: missing.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"missing\.yaml \(named in .*c\.yaml\)"):
+        build_config(str(tmp_path / "c.yaml"))
+    # A bad key in the base is reported with the base's file name.
+    (tmp_path / "base.yaml").write_text("optim:\n  base_lrr: 1.0\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\ntrain:\n  seed: 3\n")
+    with pytest.raises(ConfigError, match=r"base_lrr.*base\.yaml"):
+        build_config(str(tmp_path / "child.yaml"))

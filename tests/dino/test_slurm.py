@@ -16,7 +16,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 MAIN_SCRIPT = REPO / "dino" / "Train_MVHybrid_DINOv2_SLURM.sh"
 BACKBONES = ["mv_hybrid", "vit_12", "vit_24", "vim_einfft", "hydra_einfft", "hydra_hybrid"]
-WRAPPERS = [REPO / "scripts" / "slurm" / f"train_{b}.sbatch" for b in BACKBONES]
 
 # A tiny CPU training: 2 epochs x 3 iterations, a 2-block ViT at 32 px (fast and deterministic).
 TINY = [
@@ -72,7 +71,7 @@ def wait_for(predicate, timeout, what):
 
 
 # --------------------------------------------------------------------------- sbatch scripts
-@pytest.mark.parametrize("script", [MAIN_SCRIPT] + WRAPPERS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [MAIN_SCRIPT], ids=lambda p: p.name)
 def test_sbatch_scripts_parse(script):
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -85,19 +84,16 @@ def test_sbatch_headers_match_the_paper_and_each_other():
     main = sbatch_header(MAIN_SCRIPT)
     assert (main["nodes"], main["ntasks-per-node"], main["gpus-per-node"]) == ("3", "8", "8")
     assert "requeue" in main and main["signal"] == "B:USR1@120" and main["output"].startswith("logs/")
-    assert "configs/train/mv_hybrid.yaml" in MAIN_SCRIPT.read_text()
+    # One launcher for every backbone: ARCH picks configs/train/$ARCH.yaml (mv_hybrid by default).
+    assert 'configs/train/${ARCH:-mv_hybrid}.yaml' in MAIN_SCRIPT.read_text()
     import mambavision
 
-    for backbone, wrapper in zip(BACKBONES, WRAPPERS):
-        header = sbatch_header(wrapper)
-        assert {k: v for k, v in header.items() if k != "job-name"} == {k: v for k, v in main.items() if k != "job-name"}
-        text = wrapper.read_text()
-        assert f"configs/train/{backbone}.yaml" in text and "dino/Train_MVHybrid_DINOv2_SLURM.sh" in text
+    for backbone in BACKBONES:
         assert (REPO / "configs" / "train" / f"{backbone}.yaml").is_file()
         assert backbone in mambavision.list_models()
 
 
-@pytest.mark.parametrize("script", [MAIN_SCRIPT] + WRAPPERS[1:2], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [MAIN_SCRIPT], ids=lambda p: p.name)
 def test_missing_settings_are_clear_errors(script, tmp_path):
     env = child_env(REPO_DIR=str(REPO))
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
@@ -105,9 +101,12 @@ def test_missing_settings_are_clear_errors(script, tmp_path):
     env["DATASET_PATH"] = "Folder:root=/data"
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "OUTPUT_DIR is not set" in proc.stderr
-    env.update(OUTPUT_DIR=str(tmp_path / "out"), CONFIG="configs/train/nope.yaml")
+    env.update(OUTPUT_DIR=str(tmp_path / "out"), ARCH="nope")
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "config file not found: configs/train/nope.yaml" in proc.stderr
+    env.update(CONFIG="configs/train/other.yaml")  # CONFIG wins over ARCH
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "config file not found: configs/train/other.yaml" in proc.stderr
 
 
 def _write_exe(path, text):
@@ -134,7 +133,7 @@ def test_usr1_forwards_to_trainer_then_requeues(tmp_path):
         CONFIG=str(REPO / "configs" / "demo" / "mv_hybrid_cpu.yaml"), DATASET_PATH="Folder:root=/data/pngs",
         SLURM_JOB_ID="4242",
     )
-    proc = subprocess.Popen(["bash", str(WRAPPERS[1]), "optim.epochs=3"], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(["bash", str(MAIN_SCRIPT), "optim.epochs=3"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     wait_for(lambda: (out / "started").exists(), 20, "the fake trainer to start")
     proc.send_signal(signal.SIGUSR1)
