@@ -8,8 +8,9 @@ from torch import nn
 
 from .registry import create_model, get_entry
 
-# Prefixes added by wrappers (DDP, torch.compile, FSDP1, activation checkpointing).
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+# Name components that wrappers insert (DDP, torch.compile, FSDP1, activation checkpointing); the one list
+# for loading checkpoints and for the trainer's parameter groups.
+WRAPPER_COMPONENTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 # Where the backbone lives inside training checkpoints, most specific first.
 _BACKBONE_PREFIXES = ("teacher.backbone.", "backbone.")
 
@@ -25,15 +26,10 @@ def _read(path: str) -> Mapping[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _strip_wrappers(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in _WRAPPER_PREFIXES:
-            if p in key:
-                key = key.replace(p, "")
-                changed = True
-    return key
+def strip_wrappers(key: str) -> str:
+    """``key`` without the components wrappers insert, wherever they sit (whole components only, so a
+    submodule whose name merely contains "module" is left alone)."""
+    return ".".join(c for c in key.split(".") if c not in WRAPPER_COMPONENTS)
 
 
 def extract_backbone_state_dict(ckpt: Mapping[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -49,7 +45,7 @@ def extract_backbone_state_dict(ckpt: Mapping[str, Any]) -> Tuple[Dict[str, torc
         if isinstance(ckpt.get(key), Mapping):
             sd = ckpt[key]
             break
-    sd = {_strip_wrappers(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    sd = {strip_wrappers(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     for prefix in _BACKBONE_PREFIXES:
         sub = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
         if sub:

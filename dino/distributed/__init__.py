@@ -113,11 +113,12 @@ def _int(env: Mapping[str, str], key: str) -> int:
         raise RuntimeError(f"distributed launch: {key}={env[key]!r} is not an integer") from None
 
 
-def _job_port(env: Mapping[str, str]) -> int:
-    # Same port on every task of a job, and different jobs on a node are unlikely to collide.
-    job_id = env.get("SLURM_JOB_ID", "")
-    seed = int(job_id) if job_id.isdigit() else 0
-    return 20000 + seed % 20000
+def job_port(job_id: str) -> int:
+    """The rendezvous port for a SLURM job: the same on every task of the job, and unlikely to collide with
+    another job's on a node. Array and submitit ids (``1234_5``) count all their digits, so the tasks of
+    an array do not share one port."""
+    digits = "".join(ch for ch in str(job_id) if ch.isdigit())
+    return 20000 + (int(digits) if digits else 0) % 20000
 
 
 def read_env(env: Optional[Mapping[str, str]] = None) -> DistEnv:
@@ -146,7 +147,7 @@ def read_env(env: Optional[Mapping[str, str]] = None) -> DistEnv:
             local_world_size=max(world // max(nodes, 1), 1),
             node_rank=int(env.get("SLURM_NODEID", 0)),
             master_addr=env.get("MASTER_ADDR") or _first_slurm_host(env["SLURM_JOB_NODELIST"]),
-            master_port=int(env.get("MASTER_PORT") or _job_port(env)),
+            master_port=int(env.get("MASTER_PORT") or job_port(env.get("SLURM_JOB_ID", ""))),
             source="slurm",
         )
     return DistEnv(0, 1, 0, 1, 0, "127.0.0.1", _DEFAULT_PORT, "single")

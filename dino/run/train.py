@@ -13,15 +13,11 @@ import signal
 import sys
 from typing import List, Optional
 
+from dino import distributed
 from dino.run.submit import get_args_parser, submit
 from dino.train.train import get_args_parser as get_train_args_parser
 
 logger = logging.getLogger("dino")
-
-
-def _job_port(job_id: str) -> int:
-    digits = "".join(ch for ch in str(job_id) if ch.isdigit())
-    return 20000 + (int(digits) if digits else 0) % 20000
 
 
 class Trainer:
@@ -72,7 +68,7 @@ class Trainer:
             LOCAL_WORLD_SIZE=str(job_env.num_tasks // nodes),
             GROUP_RANK=str(job_env.node),
             MASTER_ADDR=hosts[0] if nodes > 1 and hosts else "127.0.0.1",
-            MASTER_PORT=os.environ.get("MASTER_PORT") or str(_job_port(job_env.job_id)),
+            MASTER_PORT=os.environ.get("MASTER_PORT") or str(distributed.job_port(job_env.job_id)),
         )
         logger.info("submitit task: %s", job_env)
 

@@ -3,11 +3,10 @@
 import logging
 from collections import defaultdict
 
+from mambavision.pretrained import strip_wrappers
+
 logger = logging.getLogger("dino")  # the logger setup_logging configures
 
-# Components that wrappers insert into parameter names (FSDP1, activation checkpointing,
-# torch.compile); they are dropped so names match the plain module's.
-_WRAPPER_COMPONENTS = {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"}
 # Parameters that live before the first block: layer id 0.
 _STEM_COMPONENTS = {"pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens"}
 # Containers of the blocks: "blocks" (ViT, MV_Hybrid's blocks.blocks), "layers" (Vim).
@@ -15,7 +14,8 @@ _BLOCK_CONTAINERS = {"blocks", "layers"}
 
 
 def _clean_name(name):
-    return ".".join(c for c in name.split(".") if c not in _WRAPPER_COMPONENTS)
+    # Wrapper components (FSDP1, checkpointing, torch.compile, DDP) dropped so names match the plain module's.
+    return strip_wrappers(name)
 
 
 def _find_n_blocks(model):

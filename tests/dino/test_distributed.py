@@ -139,3 +139,13 @@ def test_torchrun_two_processes_then_resume_on_one(tmp_path):
     with open(out / "training_metrics.json") as f:
         rows2 = [json.loads(line) for line in f]
     assert [r["iteration"] for r in rows2] == list(range(6)) and rows2[:4] == rows
+
+
+def test_one_job_port_rule_for_srun_and_submitit():
+    from dino.distributed import job_port, read_env
+
+    assert job_port("123456") == 20000 + 123456 % 20000
+    assert job_port("1234_5") != job_port("1234_6")  # array tasks: all the digits count
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+           "SLURM_JOB_NODELIST": "gpu01", "SLURM_JOB_ID": "1234_5"}
+    assert read_env(env).master_port == job_port("1234_5")

@@ -130,3 +130,20 @@ def test_clear_errors(data, tmp_path):
         f.create_dataset("coords", data=np.zeros((1, 2), np.int64))
     with pytest.raises(KeyError, match="patch_size"):
         WSICoordsDataset(root / "slides", bad)
+
+
+def test_training_finds_every_slide_format_the_patcher_takes_and_refuses_duplicate_ids(tmp_path):
+    # One definition of slide extensions and discovery: a .bif slide that create_patches patched is found
+    # at training time (it was not), and two slides with one id are an error here too (it kept the first).
+    from dino.data.wsi.patching import SLIDE_EXTENSIONS
+
+    assert {".vms", ".bif", ".svslide"} <= set(SLIDE_EXTENSIONS)
+    slides, coords_dir = tmp_path / "slides", tmp_path / "coords"
+    (slides / "sub").mkdir(parents=True)
+    coords_dir.mkdir()
+    (slides / "s1.bif").write_bytes(b"")  # discovery only: nothing is read in the constructor
+    write_coords_h5(coords_dir / "s1.h5", np.array([[0, 0]]), {"patch_size": 128, "patch_level": 0})
+    assert WSICoordsDataset(slides, coords_dir).slide_paths == [str(slides / "s1.bif")]
+    (slides / "sub" / "s1.svs").write_bytes(b"")
+    with pytest.raises(ValueError, match="share an id"):
+        WSICoordsDataset(slides, coords_dir)

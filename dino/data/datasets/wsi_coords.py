@@ -15,9 +15,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from dino.data.unreadable import UnreadableSampleError
-from dino.data.wsi.patching import level_downsample, open_slide, read_coords_h5, read_patch
+from dino.data.wsi.patching import SLIDE_EXTENSIONS, find_slides, level_downsample, open_slide, read_coords_h5, read_patch
 
-DEFAULT_SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn")
 
 
 class WSICoordsDataset(Dataset):
@@ -46,7 +45,7 @@ class WSICoordsDataset(Dataset):
         target_transform=None,
         patch_size=None,
         level=None,
-        slide_ext=DEFAULT_SLIDE_EXTENSIONS,
+        slide_ext=SLIDE_EXTENSIONS,
         max_open_slides=64,
     ):
         self.slides_root = Path(slides)
@@ -65,10 +64,8 @@ class WSICoordsDataset(Dataset):
         coord_files = sorted(self.coords_root.glob("*.h5"))
         if not coord_files:
             raise FileNotFoundError(f"WSICoordsDataset: no .h5 coords files in {self.coords_root}")
-        slide_files = {}
-        for p in sorted(self.slides_root.rglob("*")):
-            if p.is_file() and p.suffix.lower() in exts:
-                slide_files.setdefault(p.stem, p)
+        # The patcher's discovery: same extensions, and duplicate slide ids are an error, not a silent pick.
+        slide_files = {p.stem: p for p in find_slides(self.slides_root, tuple(exts))}
         missing = [f.name for f in coord_files if f.stem not in slide_files]
         if missing:
             shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
