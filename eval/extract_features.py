@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from eval.common import HE_MEAN, HE_STD, LOG, add_common_args, save_features_h5, set_seed, setup_logging, write_report
+from eval.common import HE_MEAN, HE_STD, LOG, add_common_args, ensure_dir, save_features_h5, set_seed, setup_logging, write_report
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 EMBEDDINGS = ("default", "cls", "mean", "cls+mean")
@@ -231,7 +231,7 @@ def extract_patch_dir(extractor: Extractor, in_dir: str, out_dir: str, batch_siz
     files = sorted(glob.glob(os.path.join(in_dir, "*.h5")))
     if not os.path.isdir(in_dir) or not files:
         raise FileNotFoundError(f"no .h5 patch files in {in_dir}")
-    os.makedirs(out_dir, exist_ok=True)
+    ensure_dir(out_dir)
     stats = {"n_files": len(files), "n_done": 0, "n_resumed": 0, "n_failed": 0, "n_patches": 0, "failed": []}
     for path in files:
         out = os.path.join(out_dir, os.path.basename(path))
@@ -272,7 +272,7 @@ def extract_wsi(extractor: Extractor, wsi_dir: str, coords_dir: str, out_dir: st
         return resize_uint8(np.asarray(img.convert("RGB")), size)
 
     ds = WSICoordsDataset(wsi_dir, coords_dir, transform=to_uint8)
-    os.makedirs(out_dir, exist_ok=True)
+    ensure_dir(out_dir)
     stats = {"n_slides": len(ds.slide_paths), "n_done": 0, "n_resumed": 0, "n_patches": 0}
     for s, slide_path in enumerate(ds.slide_paths):
         out = os.path.join(out_dir, os.path.splitext(os.path.basename(slide_path))[0] + ".h5")

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from eval.common import LOG, add_common_args, atomic_write_text, load_features_h5, pyplot, save_figure, set_seed, \
+from eval.common import LOG, add_common_args, atomic_write_text, ensure_dir, load_features_h5, pyplot, save_figure, set_seed, \
     setup_logging, write_report
 
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-4, 4, 9))
@@ -210,7 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     split = data.get(args.split_key)
     res = run_probe(data["features"], data[args.label_key], split, args.cv, c_grid, args.seed, args.select_metric,
                     args.refit_train_val)
-    os.makedirs(args.out_dir, exist_ok=True)
+    ensure_dir(args.out_dir)
     names = res["class_names"]
     pred = res["test_proba"].argmax(axis=1)
     cm_path = plot_confusion(res["test_true"], pred, names, os.path.join(args.out_dir, f"{args.name}_confusion.png"),

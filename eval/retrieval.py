@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .common import LOG, add_common_args, load_features_h5, save_figure, set_seed, setup_logging, write_report
+from .common import LOG, add_common_args, ensure_dir, load_features_h5, save_figure, set_seed, setup_logging, write_report
 
 try:  # optional CPU/GPU nearest-neighbour library
     import faiss  # type: ignore
@@ -325,7 +325,7 @@ def main(argv=None) -> Dict:
         results["prototype"] = {k: v for k, v in proto.items() if k not in ("predictions", "similarities", "classes")}
         proto_row = {"method": "prototype", "accuracy": proto["accuracy"], "balanced acc": proto["balanced_accuracy"],
                      "macro F1": proto["macro_f1"], "mean per-class AP": proto["mean_ap"]}
-    os.makedirs(args.out_dir, exist_ok=True)
+    ensure_dir(args.out_dir)
     results["plots"] = [_plot(knn, proto, os.path.join(args.out_dir, "retrieval.png"))]
     notes = ["Majority-vote ties go to the tied label nearest in the ranking.",
              "mAP@k divides by min(k, #relevant database items) (= Patho-Bench's /k when every class has >= k items)."]

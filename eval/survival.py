@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from .abmil import ABMILConfig, predict_abmil, train_abmil
-from .common import LOG, add_common_args, save_figure, set_seed, setup_logging, write_report
+from .common import LOG, add_common_args, ensure_dir, save_figure, set_seed, setup_logging, write_report
 from .mil import BagStore, cindex, grouped_folds, match_slides, mean_std, read_slide_csv
 
 DEFAULT_ALPHAS = (0.01, 0.02, 0.07)
@@ -239,7 +239,7 @@ def main(argv=None) -> Dict:
     store = BagStore(df["path"])
     times, events = df[args.time_col].to_numpy(float), df[args.event_col].to_numpy(int)
     patients = df["patient_id"].to_numpy()
-    os.makedirs(args.out_dir, exist_ok=True)
+    ensure_dir(args.out_dir)
     results: Dict = {"n_slides": len(df), "n_patients": int(len(np.unique(patients))), "n_events": int(events.sum()),
                      "args": vars(args), "plots": []}
     rows, notes = [], []
