@@ -38,7 +38,7 @@ from scipy import linalg as sla
 from scipy import sparse
 
 from eval.common import (
-    LOG, add_common_args, atomic_write_text, check_features, ensure_dir, load_features_h5, pyplot, save_figure, set_seed,
+    LOG, Warnings, add_common_args, atomic_write_text, check_features, ensure_dir, load_features_h5, pyplot, save_figure, set_seed,
     setup_logging, write_report,
 )
 
@@ -726,6 +726,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise ValueError("give either --task-dir and --features-dir, or --h5ad and --features")
     for note in data.notes:
         LOG.warning(note)
+    warns = Warnings()
+    warns.check_features(data.features, args.features_dir or args.features)
     ensure_dir(args.out_dir)
     results = {"protocol": {"follows": "mahmoodlab/HEST src/hest/bench/benchmark.py::predict_single_split, trainer.py::train_test_reg",
                             "targets": "log1p(raw counts), float64", "scaler": "StandardScaler", "pca_max_components": MAX_PCS,
@@ -744,6 +746,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "summary": summaries[mode],
             "folds": [{"name": f.name, "n_train": f.n_train, "n_test": f.n_test, "n_components": f.n_components,
                        "alpha": f.alpha, "pca_solver": f.pca_solver, **f.summary()} for f in folds]}
+        nan_folds = [f"{f.name} ({f.summary()['n_nan_genes']})" for f in folds if f.summary()["n_nan_genes"]]
+        if nan_folds:
+            warns.append(f"{mode}: genes constant on a test fold have no Pearson r and are left out of that fold's "
+                         f"mean (HEST's mean would be nan): {', '.join(nan_folds)}")
         reduced = sorted({f.n_components for f in folds if f.n_components < MAX_PCS})
         if reduced:
             results["notes"].append(f"{mode}: PCA reduced to {reduced} components on small training folds")
@@ -765,7 +771,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         notes.append(results["drop_definition"])
         plots.append(plot_compare({m: summaries[m] for m in ("random", "loso")}, os.path.join(args.out_dir, f"{args.name}_compare.png")))
     results["plots"] = plots
-    write_report(args.out_dir, args.name, results, table, title=f"Gene expression ({args.genes})", notes=notes + results["notes"])
+    write_report(args.out_dir, args.name, results, table, title=f"Gene expression ({args.genes})", notes=notes + results["notes"],
+                 warnings=warns)
     LOG.info("report written to %s", os.path.join(args.out_dir, args.name + ".md"))
     return results
 

@@ -147,9 +147,17 @@ def cindex(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
 
 
 def mean_std(values: Sequence[float]) -> Dict[str, float]:
+    """Mean, population std and standard error over folds (non-finite folds left out of mean and std).
+
+    ``se`` is Patho-Bench's (patho_bench/experiments/BaseExperiment.py::get_mean_se): ``np.std`` over
+    the folds divided by the square root of the number of folds.
+    """
+    n = len(values)
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
-    return {"mean": float(v.mean()) if v.size else float("nan"), "std": float(v.std()) if v.size else float("nan")}
+    if not v.size:
+        return {"mean": float("nan"), "std": float("nan"), "se": float("nan")}
+    return {"mean": float(v.mean()), "std": float(v.std()), "se": float(v.std() / np.sqrt(n))}
 
 
 # --------------------------------------------------------------------------- CV driver
@@ -283,7 +291,7 @@ def main(argv=None) -> Dict:
         "classes": [str(c) for c in class_names], "config": vars(cfg), "args": vars(args),
         "folds": res["folds"], "summary": res["summary"], "plots": plots,
     }
-    table = [{"metric": m, "mean": s["mean"], "std": s["std"]} for m, s in res["summary"].items()]
+    table = [{"metric": m, "mean": s["mean"], "std": s["std"], "SE": s["se"]} for m, s in res["summary"].items()]
     notes = ["Cross-validation grouped by patient (StratifiedGroupKFold); ABMIL re-trained per fold.",
              "Attention files (if saved) hold 'features' = attention weights (N, heads) in patch order."]
     write_report(args.out_dir, "mil", results, table, title=f"ABMIL {args.task} ({len(df)} slides)", notes=notes)
