@@ -270,7 +270,7 @@ def _check_query_database(xq: np.ndarray, xd: np.ndarray, yq: np.ndarray, yd: np
     if xq.shape[1] != xd.shape[1]:
         raise ValueError(f"{where}: query features are {xq.shape[1]}-wide, database features {xd.shape[1]}-wide "
                          "(extracted with different models?)")
-    if xq.shape == xd.shape and np.array_equal(xq, xd):
+    if xq.shape == xd.shape and np.array_equal(xq, xd) and len(np.unique(xq, axis=0)) > 1:  # constant: warned apart
         warns.add(f"{where}: query and database are the same rows; every query retrieves itself (top-1 = 1.0). "
                   "Use a split column or leave-one-out (--features without --split-key)")
     missing = sorted(set(yq.tolist()) - set(yd.tolist()))
