@@ -296,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-init", action="append", default=[], metavar="LABEL=ARCH", help="a random-init baseline")
     p.add_argument("--model-kwargs", default=None, help="JSON create_model overrides for the command-line models "
                                                        "(default: the tasks file's extract.model_kwargs)")
+    p.add_argument("--extract", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an extract option of the tasks file, e.g. img_size=224")
     p.add_argument("--only", nargs="+", default=None, help="run only these tasks")
     p.add_argument("--seed", type=int, default=None, help="passed to every task (default: each script's own default)")
     p.add_argument("--out-dir", default="eval_out/compare")
@@ -306,6 +308,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = build_parser().parse_args(argv)
     setup_logging()
     cfg = load_tasks_file(args.tasks)
+    for kv in args.extract:
+        if "=" not in kv:
+            raise ValueError(f"--extract {kv!r}: expected KEY=VALUE")
+        k, v = kv.split("=", 1)
+        cfg["extract"][k] = v
     kwargs = cfg["extract"].get("model_kwargs", {}) or {}
     if args.model_kwargs:
         try:
