@@ -13,9 +13,10 @@ The tasks file (paths relative to it)::
     extract:                      # shared eval.extract_features options (optional)
       img_size: 224
       batch_size: 64
-    features:                     # what to extract, once per model: {name: {csv|images|hest_patches|wsi+coords: path}}
-      hest: {hest_patches: hest/patches}
+    features:                     # what to extract, once per model: {name: {csv|images|hest_patches|wsi+coords: path,
+      hest: {hest_patches: hest/patches}    #  and optionally this set's own extract options}}
       patches: {csv: classification/labels.csv}
+      patches_mean: {csv: classification/labels.csv, embedding: mean}
     tasks:                        # {name: {script, features, args}}; script defaults to the name
       gene_expression: {features: hest, args: [--task-dir, hest, --compare, "random,loso", --study-key, study]}
       linear_probe: {features: patches}
@@ -124,21 +125,26 @@ def extract_model(model: ModelSpec, cfg: Dict[str, Any], feat_root: str, log_dir
     """Every feature set of the tasks file for one model (extract_features resumes what it already made)."""
     from eval import extract_features
 
-    shared: List[str] = []
-    for k, v in cfg["extract"].items():
-        if k == "model_kwargs":
-            continue
-        shared += [f"--{k.replace('_', '-')}", *([str(x) for x in v] if isinstance(v, list) else [str(v)])]
     done = {}
     for fname, src in cfg["features"].items():
         kind = next(k for k in FEATURE_SOURCES if k in src)
         inputs = [f"--{kind.replace('_', '-')}", src[kind]] + (["--coords", src["coords"]] if "coords" in src else [])
+        # extract options: the file's shared ones, overridden by this feature set's own (e.g. embedding: mean)
+        options = {**cfg["extract"], **{k: v for k, v in src.items() if k not in (*FEATURE_SOURCES, "coords")}}
         out = feature_output(feat_root, fname, src)
-        summary = extract_features.main([*model.extract_args(), *inputs, *shared, "--output", out, "--no-progress",
-                                         "--out-dir", os.path.join(log_dir, fname)])
+        summary = extract_features.main([*model.extract_args(), *inputs, *_options_argv(options), "--output", out,
+                                         "--no-progress", "--out-dir", os.path.join(log_dir, fname)])
         done[fname] = {"output": out, "resumed": bool(summary.get("resumed")),
                        "n_failed": summary.get("n_failed", 0)}
     return done
+
+
+def _options_argv(options: Dict[str, Any]) -> List[str]:
+    argv: List[str] = []
+    for k, v in options.items():
+        if k != "model_kwargs":  # a model property, given with the model
+            argv += [f"--{k.replace('_', '-')}", *([str(x) for x in v] if isinstance(v, list) else [str(v)])]
+    return argv
 
 
 def _feature_fingerprint(path: str) -> str:

@@ -334,8 +334,12 @@ def write_tasks_file(out: str | Path, parts=("classification", "hest", "slides")
     if "classification" in parts:
         features["patches"] = {"csv": "classification/labels.csv"}
         tasks["linear_probe"] = {"features": "patches"}
-        tasks["retrieval"] = {"features": "patches", "args": ["--split-key", "split", "--query-split", "test",
-                                                             "--database-split", "train", "--mode", "both"]}
+        knn = ["--split-key", "split", "--query-split", "test", "--database-split", "train"]
+        tasks["retrieval"] = {"features": "patches", "args": [*knn, "--mode", "both"]}
+        # the same retrieval on mean-pooled patch tokens alone: MV_Hybrid's default embedding concatenates CLS
+        # and mean tokens, and after a short pretraining the larger-norm CLS half dominates the distances
+        features["patches_mean"] = {"csv": "classification/labels.csv", "embedding": "mean"}
+        tasks["retrieval_mean_tokens"] = {"script": "retrieval", "features": "patches_mean", "args": [*knn, "--mode", "knn"]}
     if "slides" in parts:
         features["slides"] = {"hest_patches": "slides/patches"}
         tasks["survival"] = {"features": "slides", "args": ["--clinical", "slides/clinical.csv"]}

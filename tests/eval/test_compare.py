@@ -59,7 +59,7 @@ def test_features_extracted_once_per_model_and_task_scripts_still_run_alone(setu
     root, _, res = setup
     feats = root / "out" / "features"
     assert sorted(os.listdir(feats)) == ["random", "trained"]
-    assert sorted(os.listdir(feats / "trained")) == ["hest", "patches.h5", "slides"]
+    assert sorted(os.listdir(feats / "trained")) == ["hest", "patches.h5", "patches_mean.h5", "slides"]
     # linear_probe and retrieval share one feature file; the script run by hand gives the same number
     alone = linear_probe.main(["--features", str(feats / "trained" / "patches.h5"), "--out-dir", str(root / "alone")])
     assert alone["summary"]["balanced_accuracy"] == res["models"]["trained"]["linear_probe"]["metrics"]["bal. acc"][0]
@@ -72,13 +72,14 @@ def test_rerun_skips_finished_work_and_reruns_a_changed_task(setup):
     assert again["table"] == first["table"]
     tasks = root / "data" / "compare_tasks.yaml"
     text = tasks.read_text()
-    tasks.write_text(text.replace("- --split-key", "- --metric\n    - l2\n    - --split-key"))
+    tasks.write_text(text.replace("- --split-key", "- --metric\n    - l2\n    - --split-key", 1))
     try:
         third = compare.main(argv)
     finally:
         tasks.write_text(text)
     skipped = {t: e["skipped"] for t, e in third["models"]["random"].items()}
-    assert skipped == {"gene_expression": True, "linear_probe": True, "retrieval": False, "survival": True, "mil": True}
+    assert skipped == {"gene_expression": True, "linear_probe": True, "retrieval": False, "retrieval_mean_tokens": True,
+                       "survival": True, "mil": True}
 
 
 def test_a_different_checkpoint_under_the_same_label_is_refused(setup, tmp_path):
