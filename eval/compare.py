@@ -212,8 +212,9 @@ def _retrieval(r: Dict) -> Dict[str, Any]:
 def _survival(r: Dict) -> Dict[str, Any]:
     out = {}
     if "coxnet" in r:
-        best = max(r["coxnet"]["alphas"].items(), key=lambda kv: kv[1]["c_index_mean"] or -1)
-        out[f"c-index (α={float(best[0]):g})"] = (best[1]["c_index_mean"], best[1].get("c_index_se"))
+        alpha, best = max(r["coxnet"]["alphas"].items(), key=lambda kv: kv[1]["c_index_mean"] or -1)
+        out["c-index"] = (best["c_index_mean"], best.get("c_index_se"))
+        out["best α"] = (float(alpha), None)
     if "gmm" in r:
         out["log-rank p"] = (r["gmm"]["logrank"]["p_value"], None)
     return out
@@ -363,7 +364,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                                                                  else "at random init") for m in models),
              "Each cell is the task script's own report (`eval/<model>/<task>/*.md`); ± is the spread that "
              "script reports (gene expression: std over folds; survival c-index and MIL AUROC: SE over folds).",
-             "Survival: CoxNet c-index at the alpha with the best fold mean (optimistic: alpha chosen on the test folds)."]
+             "Survival: CoxNet c-index at the alpha with the best fold mean, shown as `best α` (optimistic: alpha chosen "
+             "on the test folds)."]
     warned = [f"{m}/{t}: {w}" for m, per in results.items() for t, e in per.items() for w in e.get("warnings", [])]
     if warned:
         notes.append("Warnings from the task reports: " + " | ".join(warned[:10]) + (" ..." if len(warned) > 10 else ""))

@@ -33,6 +33,17 @@ from eval.common import pyplot, save_figure  # noqa: E402
 
 CONFIG = REPO / "configs" / "demo" / "mv_hybrid_cpu.yaml"
 VARIANTS = ("pretrained", "random_init")
+DEMO_SIZES = {"n_per_class": 150, "n_slides": 120}
+READING = [
+    "How to read it (toy model, toy data; measured on this data, see the README):",
+    "- The linear probe, gene expression and MSI ABMIL show pretraining's effect.",
+    "- `retrieval` uses the model's default embedding, CLS token concatenated with the mean patch token. After "
+    "600 iterations the CLS half has the larger norm and ranks worse than at random init, so the concatenation "
+    "does too; `retrieval_mean_tokens` ranks by the mean patch token alone, where pretraining helps.",
+    "- Survival cannot show it here: the planted risk acts through the slide's tissue mixture, which random "
+    "features already encode. CoxNet on either model comes within ~0.05 of the c-index of the true latent "
+    "risk (0.69 on 200 slides), and on the demo's 120 slides the fold SE is ~0.03.",
+]
 
 
 class Timer:
@@ -144,7 +155,7 @@ def write_report(out: Path, rows, comparison: Path, timer_steps, total_s, ckpt: 
     ]
     rel = comparison.relative_to(out)
     body = (comparison / "compare.md").read_text().split("\n", 1)[1].replace("](compare.png)", f"]({rel}/compare.png)")
-    lines += [body.strip(), "", f"Full reports: `{rel}/eval/<variant>/<task>/*.md`. Plots for the pretrained model:", ""]
+    lines += [body.strip(), "", *READING, "", f"Full reports: `{rel}/eval/<variant>/<task>/*.md`. Plots for the pretrained model:", ""]
     for task, png in (("gene_expression", "gene_expression_compare.png"), ("linear_probe", "linear_probe_confusion.png"),
                       ("survival", "km_gmm.png")):
         path = comparison / "eval" / VARIANTS[0] / task / png
@@ -172,8 +183,11 @@ def main(argv=None):
     timer = Timer()
 
     timer.step("1/5 demo data")
-    sizes = ["--n-per-class", "10", "--spots-per-sample", "60", "--n-slides", "20", "--patches-per-slide", "8"]
-    run([sys.executable, "scripts/make_demo_data.py", "--out", data, *(sizes if args.tiny_data else [])])
+    tiny = ["--n-per-class", "10", "--spots-per-sample", "60", "--n-slides", "20", "--patches-per-slide", "8"]
+    # more test items than make_demo_data's defaults: with 72 retrieval queries and 40 slides the standard
+    # error of top-1 (~0.06) and of the c-index (~0.08) hid any effect of pretraining
+    sizes = tiny if args.tiny_data else ["--n-per-class", str(DEMO_SIZES["n_per_class"]), "--n-slides", str(DEMO_SIZES["n_slides"])]
+    run([sys.executable, "scripts/make_demo_data.py", "--out", data, *sizes])
 
     timer.step("2/5 pretraining MV_Hybrid (DINOv2, CPU)")
     run([sys.executable, "-m", "dino.train", "--config-file", CONFIG, "--output-dir", pretrain, *args.overrides])
