@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
     p.add_argument("--studies", type=int, default=8)
     p.add_argument("--ridge", choices=ge.RIDGE_MODES, default="fast")
     p.add_argument("--exact-check-folds", type=int, default=0, help="also run ridge='exact' on this many folds")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=1, help="HEST-Benchmark's default seed")
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     folds = ge.run_folds(data, splits, "list", genes, seed=args.seed, ridge=args.ridge)
     total = time.perf_counter() - t0
-    stages = {k: sum(f.timings.get(k, 0.0) for f in folds) for k in ("genes", "scale", "pca", "ridge", "metrics")}
+    stages = {k: sum(f.timings.get(k, 0.0) for f in folds) for k in ("genes", "pca", "ridge", "metrics")}  # pca: scaler + PCA pipeline
     rows = [{"stage": k, "seconds (all folds)": f"{v:.2f}", "per fold": f"{v / len(folds):.2f}"} for k, v in stages.items()]
     other = total - sum(stages.values())
     rows.append({"stage": "targets, indexing", "seconds (all folds)": f"{other:.2f}", "per fold": f"{other / len(folds):.2f}"})

@@ -4,6 +4,7 @@ Shared by :mod:`eval.mil` (slide classification / survival) and :mod:`eval.survi
 (ABMIL-pooled slide embeddings). Bags are ``(N, D)`` float tensors of patch features; one
 bag is one slide. Training is on the device of the bags and deterministic for a seed on CPU.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -147,22 +148,45 @@ def train_abmil(
         t_all = torch.as_tensor(np.asarray(times, dtype=np.float64), dtype=torch.float32)
         e_all = torch.as_tensor(np.asarray(events, dtype=np.float64), dtype=torch.float32)
     model.train()
+    with flush_denormals():
+        _train_epochs(model, opt, sched, indices, cfg, gen, get_bag, dev, task, step_size,
+                      (y, weight) if task == "classification" else (t_all, e_all))
+    return model.eval()
+
+
+@contextlib.contextmanager
+def flush_denormals():
+    """Flush subnormal floats to zero on CPU while training and predicting.
+
+    Training drifts into subnormal values, where x86 arithmetic is ~100x slower: on the demo's 120 slides
+    an ABMIL fold took 3-150 s depending on the fold (8 min for 5 folds), 3 s with subnormals flushed, with
+    the same AUROCs to the printed digit.
+    """
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)  # torch's default; it has no getter to restore another value
+
+
+def _train_epochs(model, opt, sched, indices, cfg, gen, get_bag, dev, task, step_size, targets) -> None:
     for _ in range(cfg.epochs):
         order = indices[torch.randperm(len(indices), generator=gen).numpy()]
         for start in range(0, len(order), step_size):
             chunk = order[start:start + step_size]
             outs = [model(_subsample(get_bag(int(i)).to(dev, torch.float32), cfg.bag_size, gen))[0] for i in chunk]
             if task == "classification":
+                y, weight = targets
                 target = torch.as_tensor([int(y[i]) for i in chunk], device=dev)
                 loss = F.cross_entropy(torch.stack(outs), target, weight=weight)
             else:
+                t_all, e_all = targets
                 idx = torch.as_tensor(chunk)
                 loss = cox_ph_loss(torch.cat(outs), t_all[idx].to(dev), e_all[idx].to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-    return model.eval()
 
 
 @torch.no_grad()
@@ -171,9 +195,10 @@ def predict_abmil(model: GatedABMIL, get_bag: BagGetter, indices: Sequence[int])
     model.eval()
     dev = next(model.parameters()).device
     outs, attns, pooled = [], [], []
-    for i in indices:
-        z, attn = model.attend(get_bag(int(i)).to(dev, torch.float32))
-        outs.append(model.head(z).float().cpu().numpy())
-        attns.append(attn.float().cpu().numpy())
-        pooled.append(z.float().cpu().numpy())
+    with flush_denormals():
+        for i in indices:
+            z, attn = model.attend(get_bag(int(i)).to(dev, torch.float32))
+            outs.append(model.head(z).float().cpu().numpy())
+            attns.append(attn.float().cpu().numpy())
+            pooled.append(z.float().cpu().numpy())
     return np.stack(outs), attns, np.stack(pooled)

@@ -17,8 +17,10 @@ Examples::
 import argparse
 import contextlib
 import glob
+import hashlib
 import json
 import os
+import pickle
 from typing import Dict, Optional, Sequence
 
 import h5py
@@ -28,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from eval.common import HE_MEAN, HE_STD, LOG, add_common_args, save_features_h5, set_seed, setup_logging, write_report
+from eval.common import HE_MEAN, HE_STD, LOG, add_common_args, ensure_dir, save_features_h5, set_seed, setup_logging, write_report
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 EMBEDDINGS = ("default", "cls", "mean", "cls+mean")
@@ -49,7 +51,56 @@ def build_model(model_name: str, checkpoint: Optional[str], random_init: bool, m
     if random_init:
         set_seed(seed)  # the random baseline is reproducible for a seed
         return mambavision.create_model(model_name, **model_kwargs).eval()
-    return mambavision.load_pretrained(checkpoint, model_name, **model_kwargs).eval()
+    try:
+        return mambavision.load_pretrained(checkpoint, model_name, **model_kwargs).eval()
+    except pickle.UnpicklingError as err:
+        # torch's message advises weights_only=False, i.e. running the file's code: do not pass that on
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise ValueError(f"refused checkpoint {checkpoint}: it holds objects other than tensors and plain containers, "
+                         f"which are not loaded because unpickling them could run code ({first[:200]}). Re-save its "
+                         "state_dict with tensors only, from a source you trust.") from None
+
+
+PROVENANCE_KEYS = ("model", "checkpoint_sha256", "random_init_seed", "model_kwargs", "embedding", "img_size", "mean",
+                   "std", "dtype")
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def provenance(model_name: str, checkpoint: Optional[str], random_init: bool, model_kwargs: Dict, embedding: str,
+               img_size: int, mean, std, dtype: str, seed: int) -> Dict[str, str]:
+    """What made a feature file, stored as its h5 attributes: the model, the checkpoint's digest (or the
+    random-init seed) and the preprocessing. Values are strings so that a rerun compares them exactly."""
+    return {"model": model_name, "checkpoint": os.path.abspath(checkpoint) if checkpoint else "",
+            "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else "",
+            "random_init_seed": str(seed) if random_init else "", "model_kwargs": json.dumps(model_kwargs, sort_keys=True),
+            "embedding": embedding, "img_size": str(img_size), "mean": json.dumps([float(v) for v in mean]),
+            "std": json.dumps([float(v) for v in std]), "dtype": dtype}
+
+
+def check_reusable(path: str, wanted: Dict[str, str]) -> None:
+    """Refuse to keep an existing feature file made by another model, checkpoint or preprocessing."""
+    try:
+        with h5py.File(path, "r") as f:
+            found = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in f.attrs.items()}
+    except OSError as err:
+        raise OSError(f"existing output {path} is unreadable ({err}); pass --overwrite to recompute it") from None
+    if not wanted:
+        return
+    if "model" not in found:
+        raise ValueError(f"existing output {path} records no model or checkpoint, so it cannot be reused safely; "
+                         "pass --overwrite to recompute it or choose another --output")
+    diff = [f"{k}: {found.get(k, '<none>')!r} in the file, {wanted[k]!r} now" for k in PROVENANCE_KEYS
+            if found.get(k, "") != wanted[k]]
+    if diff:
+        raise ValueError(f"existing output {path} was extracted differently ({'; '.join(diff)}); pass --overwrite "
+                         "to recompute it or choose another --output")
 
 
 def embed(model: torch.nn.Module, x: torch.Tensor, embedding: str) -> torch.Tensor:
@@ -91,6 +142,7 @@ class Extractor:
             raise ValueError(f"unknown embedding '{embedding}' (choose from {EMBEDDINGS})")
         self.model = model.to(self.device).eval()
         self.embedding, self.img_size, self.dtype = embedding, img_size, DTYPES[dtype]
+        self.provenance: Dict[str, str] = {}  # written into every output h5 (see provenance())
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
 
@@ -184,7 +236,7 @@ def extract_image_table(extractor: Extractor, table: pd.DataFrame, root: str, ou
     for c, v in extra.items():
         if v.dtype == object:
             extra[c] = v.astype(str)
-    save_features_h5(output, np.concatenate(feats), **extra)
+    save_features_h5(output, np.concatenate(feats), attrs=extractor.provenance, **extra)
     return {"output": output, "n_images": len(paths), "n_extracted": len(kept), "n_skipped": len(skipped),
             "skipped": [e for _, e in skipped[:20]]}
 
@@ -221,7 +273,8 @@ def extract_patch_file(extractor: Extractor, path: str, output: str, batch_size:
         feats = [extractor(imgs[s:s + batch_size]) for s in tqdm(range(0, n, batch_size), desc=os.path.basename(path),
                                                                   disable=not progress, unit="batch")]
     dim = feats[0].shape[1] if feats else 0
-    save_features_h5(output, np.concatenate(feats) if feats else np.zeros((0, dim), np.float32), **extra)
+    save_features_h5(output, np.concatenate(feats) if feats else np.zeros((0, dim), np.float32),
+                     attrs=extractor.provenance, **extra)
     return n
 
 
@@ -231,11 +284,12 @@ def extract_patch_dir(extractor: Extractor, in_dir: str, out_dir: str, batch_siz
     files = sorted(glob.glob(os.path.join(in_dir, "*.h5")))
     if not os.path.isdir(in_dir) or not files:
         raise FileNotFoundError(f"no .h5 patch files in {in_dir}")
-    os.makedirs(out_dir, exist_ok=True)
+    ensure_dir(out_dir)
     stats = {"n_files": len(files), "n_done": 0, "n_resumed": 0, "n_failed": 0, "n_patches": 0, "failed": []}
     for path in files:
         out = os.path.join(out_dir, os.path.basename(path))
         if os.path.exists(out) and not overwrite:
+            check_reusable(out, extractor.provenance)
             stats["n_resumed"] += 1
             continue
         try:
@@ -272,18 +326,25 @@ def extract_wsi(extractor: Extractor, wsi_dir: str, coords_dir: str, out_dir: st
         return resize_uint8(np.asarray(img.convert("RGB")), size)
 
     ds = WSICoordsDataset(wsi_dir, coords_dir, transform=to_uint8)
-    os.makedirs(out_dir, exist_ok=True)
-    stats = {"n_slides": len(ds.slide_paths), "n_done": 0, "n_resumed": 0, "n_patches": 0}
+    ensure_dir(out_dir)
+    stats = {"n_slides": len(ds.slide_paths), "n_done": 0, "n_resumed": 0, "n_failed": 0, "n_patches": 0, "failed": []}
     for s, slide_path in enumerate(ds.slide_paths):
         out = os.path.join(out_dir, os.path.splitext(os.path.basename(slide_path))[0] + ".h5")
         if os.path.exists(out) and not overwrite:
+            check_reusable(out, extractor.provenance)
             stats["n_resumed"] += 1
             continue
         idx = np.flatnonzero(ds.slide_index == s)
-        loader = DataLoader(Subset(ds, idx.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            collate_fn=_stack_images)
-        feats = [extractor(b) for b in tqdm(loader, desc=os.path.basename(out), disable=not progress, unit="batch")]
-        save_features_h5(out, np.concatenate(feats), coords=ds.coords[idx])
+        try:
+            loader = DataLoader(Subset(ds, idx.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                collate_fn=_stack_images)
+            feats = [extractor(b) for b in tqdm(loader, desc=os.path.basename(out), disable=not progress, unit="batch")]
+            save_features_h5(out, np.concatenate(feats), attrs=extractor.provenance, coords=ds.coords[idx])
+        except (OSError, RuntimeError, ValueError, KeyError) as err:  # one unreadable slide must not stop the others
+            LOG.error("skipped slide %s: %s", slide_path, err)
+            stats["n_failed"] += 1
+            stats["failed"].append(f"{os.path.basename(slide_path)}: {type(err).__name__}: {err}")
+            continue
         stats["n_done"] += 1
         stats["n_patches"] += len(idx)
     return stats
@@ -337,11 +398,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     except json.JSONDecodeError as err:
         raise ValueError(f"--model-kwargs is not valid JSON: {err}") from None
     single_file = sources[0] in ("images", "csv")
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    prov = provenance(args.model, args.checkpoint, args.random_init, kwargs, args.embedding, args.img_size, args.mean,
+                      args.std, args.dtype, args.seed)
+    if single_file and os.path.isdir(args.output):
+        raise IsADirectoryError(f"--output {args.output} is a folder; --{sources[0]} writes one .h5 file")
+    if not single_file and os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise NotADirectoryError(f"--output {args.output} exists and is a file; --{sources[0].replace('_', '-')} "
+                                 "writes one .h5 per sample or slide into a folder")
     if single_file and os.path.exists(args.output) and not args.overwrite:
-        LOG.info("%s exists: nothing to do (pass --overwrite to recompute)", args.output)
+        check_reusable(args.output, prov)
+        LOG.info("%s exists, made by the same model and preprocessing: nothing to do (pass --overwrite to recompute)",
+                 args.output)
         return {"output": args.output, "resumed": True}
     model = build_model(args.model, args.checkpoint, args.random_init, kwargs, args.seed)
     ext = Extractor(model, args.embedding, args.img_size, tuple(args.mean), tuple(args.std), args.device, args.dtype)
+    ext.provenance = prov
     progress = not args.no_progress
     if args.images:
         stats = extract_image_table(ext, list_image_folder(args.images), args.images, args.output, args.batch_size,
@@ -354,12 +427,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     else:
         stats = extract_wsi(ext, args.wsi, args.coords, args.output, args.batch_size, args.num_workers, args.overwrite,
                             progress)
-    summary = {"model": args.model, "checkpoint": args.checkpoint, "random_init": args.random_init,
+    if not single_file and stats["n_failed"] and not (stats["n_done"] or stats["n_resumed"]):
+        raise RuntimeError(f"every input failed ({stats['n_failed']}); first: {stats['failed'][0]}")
+    summary = {"model": args.model, "checkpoint": args.checkpoint, "checkpoint_sha256": prov["checkpoint_sha256"],
+               "random_init": args.random_init,
                "model_kwargs": kwargs, "embedding": args.embedding, "feature_dim": int(getattr(model, "num_features", 0)),
                "img_size": args.img_size, "mean": list(args.mean), "std": list(args.std), "device": args.device,
                "dtype": args.dtype, "seed": args.seed, **stats}
     rows = [{k: v for k, v in stats.items() if isinstance(v, (int, float, str))}]
-    write_report(args.out_dir, "extract_features", summary, rows, title=f"Feature extraction ({args.model})")
+    warns = [f"failed: {e}" for e in stats.get("failed", [])]
+    write_report(args.out_dir, "extract_features", summary, rows, title=f"Feature extraction ({args.model})",
+                 warnings=warns)
     LOG.info("done: %s", rows[0])
     return summary
 

@@ -1,9 +1,15 @@
 """Spatial gene-expression regression from frozen patch features (HEST-Benchmark protocol).
 
-Per fold, exactly as in HEST-Benchmark: targets ``log1p(counts)`` (no total-count normalisation);
-``StandardScaler`` -> ``PCA(n_components=256, random_state=seed)`` fitted on the training fold;
-``Ridge(solver='lsqr', alpha=100/(n_pcs*n_genes), fit_intercept=False, max_iter=1000)``;
-per-gene ``scipy.stats.pearsonr`` on the test fold, averaged over genes; mean ± std over folds.
+Per fold, as HEST-Benchmark's ``predict_single_split`` and ``train_test_reg`` do it
+(mahmoodlab/HEST, src/hest/bench/benchmark.py, trainer.py): targets ``log1p(counts)`` in float64
+(no total-count normalisation); ``Pipeline([StandardScaler, PCA(n_components=256, random_state=seed)])``
+with ``fit_transform`` on the training spots and ``transform`` on the test spots; both rounded to
+float32 (HEST wraps them in ``torch.Tensor``), the training set handed to
+``Ridge(solver='lsqr', alpha=100/(n_pcs*n_genes), fit_intercept=False, max_iter=1000, random_state=seed)``
+in float64 as scikit-learn converts a tensor; per-gene ``scipy.stats.pearsonr`` on the test fold, averaged
+over genes; mean ± (population) std over folds. Spots are ordered as HEST orders them: samples in the
+order of the split CSV, spots in the order of the feature file's barcodes. The seed defaults to 1,
+HEST's ``BenchmarkConfig.seed``.
 
 Split modes: the task's own ``splits/*.csv`` (``hest``), random K-fold (``random``; over spots, or over
 samples with ``--group-by sample``) and leave-one-study-out (``loso``). ``--compare random,loso``
@@ -32,7 +38,7 @@ from scipy import linalg as sla
 from scipy import sparse
 
 from eval.common import (
-    LOG, add_common_args, atomic_write_text, load_features_h5, pyplot, save_figure, set_seed,
+    LOG, Warnings, add_common_args, atomic_write_text, check_features, ensure_dir, load_features_h5, pyplot, save_figure, set_seed,
     setup_logging, write_report,
 )
 
@@ -64,7 +70,7 @@ def _examples(items, k: int = 5) -> str:
 def align_barcodes(
     expr_barcodes: Sequence[str], feat_barcodes: Sequence[str], where: str, allow_partial: bool,
 ) -> Tuple[np.ndarray, np.ndarray, Dict[str, int]]:
-    """Index arrays ``(expr_idx, feat_idx)`` pairing equal barcodes, in expression order.
+    """Index arrays ``(expr_idx, feat_idx)`` pairing equal barcodes, in the feature file's order (HEST's).
 
     Raises a ``ValueError`` naming counts and examples when the two sets differ, unless
     ``allow_partial`` (then the intersection is used and the counts are returned).
@@ -75,6 +81,7 @@ def align_barcodes(
         if len(np.unique(arr)) != len(arr):
             raise ValueError(f"{where}: duplicate barcodes in the {name} ({len(arr) - len(np.unique(arr))} repeated)")
     feat_pos = {b: i for i, b in enumerate(feat_barcodes)}
+    expr_pos = {b: i for i, b in enumerate(expr_barcodes)}
     only_expr = [b for b in expr_barcodes if b not in feat_pos]
     only_feat = sorted(set(feat_barcodes) - set(expr_barcodes))
     stats = {"n_expression": len(expr_barcodes), "n_features": len(feat_barcodes),
@@ -87,9 +94,8 @@ def align_barcodes(
             msg.append(f"{len(only_feat)} of {len(feat_barcodes)} feature barcodes have no expression (e.g. {_examples(only_feat)})")
         msg.append("pass --allow-partial to use the intersection")
         raise ValueError("; ".join(msg))
-    keep = np.array([b in feat_pos for b in expr_barcodes], dtype=bool)
-    expr_idx = np.flatnonzero(keep)
-    feat_idx = np.array([feat_pos[b] for b in expr_barcodes[keep]], dtype=np.int64)
+    feat_idx = np.array([i for i, b in enumerate(feat_barcodes) if b in expr_pos], dtype=np.int64)
+    expr_idx = np.array([expr_pos[b] for b in feat_barcodes[feat_idx]], dtype=np.int64)
     if len(expr_idx) == 0:
         raise ValueError(f"{where}: no barcode is shared by expression and features")
     return expr_idx, feat_idx, stats
@@ -104,7 +110,10 @@ def _read_h5ad(path: str):
 
 
 def _as_csr(x) -> sparse.csr_matrix:
-    return sparse.csr_matrix(x, dtype=np.float32) if not sparse.issparse(x) else x.tocsr().astype(np.float32)
+    """Counts as CSR; float64 input stays float64 (HEST casts to float64 before log1p), the rest float32
+    (integer counts below 2**24 are exact in it)."""
+    dtype = np.float64 if x.dtype == np.float64 else np.float32
+    return sparse.csr_matrix(x, dtype=dtype) if not sparse.issparse(x) else x.tocsr().astype(dtype)
 
 
 def _concat_samples(parts: List[dict], fixed_genes: Optional[Sequence[str]]) -> SpotData:
@@ -123,10 +132,17 @@ def _concat_samples(parts: List[dict], fixed_genes: Optional[Sequence[str]]) -> 
         genes = [g for g in parts[0]["genes"] if g in shared]  # keep the first sample's order
         if not genes:
             raise ValueError("the samples share no gene")
+    dims = {p["sample"]: p["features"].shape[1] for p in parts}
+    if len(set(dims.values())) > 1:
+        by_dim: Dict[int, List[str]] = {}
+        for sid, d in dims.items():
+            by_dim.setdefault(d, []).append(sid)
+        detail = "; ".join(f"width {d}: {_examples(s)}" for d, s in sorted(by_dim.items()))
+        raise ValueError(f"feature files of different widths ({detail}): were they extracted with different models?")
     counts = sparse.vstack([p["counts"][:, [p["gene_pos"][g] for g in genes]] for p in parts]).tocsr()
     has_study = all(p["study"] is not None for p in parts)
     return SpotData(
-        features=np.concatenate([p["features"] for p in parts]).astype(np.float32, copy=False),
+        features=np.concatenate([p["features"] for p in parts]),
         counts=counts, genes=np.asarray(genes, dtype=str),
         sample=np.concatenate([np.full(len(p["barcode"]), p["sample"], dtype=object) for p in parts]).astype(str),
         barcode=np.concatenate([p["barcode"] for p in parts]).astype(str),
@@ -162,6 +178,18 @@ def _expr_path(task_dir: str, sample_id: str, row: Optional[pd.Series]) -> str:
     raise FileNotFoundError(f"no expression file for sample {sample_id} under {task_dir}/adata or {task_dir}/st")
 
 
+def _feature_path(features_dir: str, sample_id: str, row: Optional[pd.Series]) -> str:
+    """``{features_dir}/{sample_id}.h5`` (HEST's embedding name), else the name of the row's ``patches_path``
+    (what ``extract_features --hest-patches`` writes)."""
+    tried = [os.path.join(features_dir, f"{sample_id}.h5")]
+    if row is not None and isinstance(row.get("patches_path"), str):
+        tried.append(os.path.join(features_dir, os.path.basename(row["patches_path"])))
+    for p in tried:
+        if os.path.isfile(p):
+            return p
+    raise FileNotFoundError(f"no feature file for sample {sample_id}: tried {', '.join(dict.fromkeys(tried))}")
+
+
 def load_hest_task(
     task_dir: str, features_dir: str, study_key: Optional[str] = None, fixed_genes: Optional[Sequence[str]] = None,
     allow_partial: bool = False,
@@ -190,8 +218,9 @@ def load_hest_task(
     parts, notes = [], []
     for sid, row in rows.items():
         ad = _read_h5ad(_expr_path(task_dir, sid, row))
-        feat_path = os.path.join(features_dir, f"{sid}.h5")
+        feat_path = _feature_path(features_dir, sid, row)
         feats = load_features_h5(feat_path)
+        check_features(feats["features"], feat_path)
         if "barcode" not in feats:
             raise KeyError(f"{feat_path} has no 'barcode' dataset: extract features with --hest-patches")
         e_idx, f_idx, stats = align_barcodes(ad.obs_names, feats["barcode"], f"sample {sid}", allow_partial)
@@ -220,6 +249,7 @@ def load_h5ad_dataset(
     """Load one AnnData (spots x genes, unique obs_names) plus one feature h5 with a ``barcode`` dataset."""
     ad = _read_h5ad(h5ad)
     feats = load_features_h5(features_h5)
+    check_features(feats["features"], features_h5)
     if "barcode" not in feats:
         raise KeyError(f"{features_h5} has no 'barcode' dataset to match {h5ad}'s obs_names")
     e_idx, f_idx, stats = align_barcodes(ad.obs_names, feats["barcode"], os.path.basename(h5ad), allow_partial)
@@ -259,9 +289,11 @@ def make_splits(
             raise FileNotFoundError(f"no splits/train_*.csv in {task_dir}")
         out = []
         for tr, te in pairs:
-            ids = [set(_read_split_csv(p)["sample_id"].astype(str)) for p in (tr, te)]
-            tr_idx, te_idx = (np.flatnonzero(np.isin(data.sample, list(i))) for i in ids)
-            out.append((f"split{os.path.basename(te)[5:-4]}", tr_idx, te_idx))
+            # HEST concatenates the samples in the CSV's row order
+            tr_idx, te_idx = (np.concatenate([np.flatnonzero(data.sample == sid) for sid in
+                                              dict.fromkeys(_read_split_csv(p)["sample_id"].astype(str))])
+                              for p in (tr, te))
+            out.append((f"split{os.path.basename(te)[5:-4]}", tr_idx.astype(np.int64), te_idx.astype(np.int64)))
         return out
     if mode == "random":
         if folds < 2:
@@ -441,44 +473,48 @@ RIDGE_MODES = ("exact", "fast")
 
 
 def hest_fold(
-    x_train: np.ndarray, x_test: np.ndarray, y_train: np.ndarray, y_test: np.ndarray, seed: int = 0,
+    x_train: np.ndarray, x_test: np.ndarray, y_train: np.ndarray, y_test: np.ndarray, seed: int = 1,
     max_pcs: int = MAX_PCS, ridge: str = "exact",
 ) -> dict:
     """One HEST-Benchmark fold on log1p targets: scaler -> PCA -> Ridge(lsqr) -> per-gene Pearson/MAE/MSE.
 
-    ``ridge='exact'`` runs sklearn's Ridge on the PCA output as upstream does (same dtype, same
-    arithmetic). ``ridge='fast'`` solves the equivalent compressed problem of :func:`ridge_lsqr`:
-    the same LSQR iterations in exact arithmetic, but LSQR at tol=1e-4 is sensitive to rounding, so
-    per-gene Pearson differs from 'exact' by up to ~1e-3 (as much as permuting the training rows
-    or switching float32/float64 changes 'exact' itself).
+    ``ridge='exact'`` makes HEST's calls with HEST's dtypes (``predict_single_split``/``train_test_reg``):
+    the scaler+PCA pipeline's ``fit_transform`` on the training spots (randomized PCA gives other
+    training components than ``fit`` then ``transform``), its output rounded to float32 as
+    ``torch.Tensor`` does, the training set converted to float64 as scikit-learn converts a tensor,
+    the test set predicted in float32. ``ridge='fast'`` keeps all of that but solves the compressed
+    problem of :func:`ridge_lsqr`: the same LSQR iterations in exact arithmetic, but LSQR at tol=1e-4 is
+    sensitive to rounding, so per-gene Pearson differs from 'exact' by up to ~1e-3.
+    The one deliberate difference: PCA keeps ``min(256, n_train, n_features)`` components, where HEST
+    fails on fewer than 256 spots or features.
     """
     if ridge not in RIDGE_MODES:
         raise ValueError(f"unknown ridge mode '{ridge}' (choose from {RIDGE_MODES})")
     from sklearn.decomposition import PCA
+    from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
     t = {}
     t0 = time.perf_counter()
-    # copy=False: scale our own row-indexed copies in place (same numbers, half the memory traffic)
-    xtr, xte = np.array(x_train, copy=True), np.array(x_test, copy=True)
-    scaler = StandardScaler(copy=False).fit(xtr)
-    xtr, xte = scaler.transform(xtr), scaler.transform(xte)
-    t["scale"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
     n_comp = min(max_pcs, x_train.shape[0], x_train.shape[1])
-    pca = PCA(n_components=n_comp, random_state=seed).fit(xtr)
-    xtr, xte = pca.transform(xtr), pca.transform(xte)
+    pipe = Pipeline([("scaler", StandardScaler()), ("PCA", PCA(n_components=n_comp, random_state=seed))])
+    # float32 round trip: HEST wraps the pipeline's float64 output in torch.Tensor (float32)
+    xtr = pipe.fit_transform(x_train).astype(np.float32)
+    xte = pipe.transform(x_test).astype(np.float32)
+    pca = pipe.named_steps["PCA"]
     t["pca"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     alpha = 100.0 / (n_comp * y_train.shape[1])
+    y_train = np.asarray(y_train, dtype=np.float64)
     if ridge == "exact":
         from sklearn.linear_model import Ridge
 
         reg = Ridge(solver="lsqr", alpha=alpha, fit_intercept=False, max_iter=1000, random_state=seed)
-        pred = np.asarray(reg.fit(xtr, y_train).predict(xte), dtype=np.float64)
+        # scikit-learn turns HEST's float32 training tensor into float64; predict keeps the test set float32
+        pred = np.asarray(reg.fit(xtr.astype(np.float64), y_train).predict(xte), dtype=np.float64)
     else:
-        coef = ridge_lsqr(xtr, y_train, alpha, seed)
-        pred = np.asarray(xte, dtype=np.float64) @ coef.T
+        coef = ridge_lsqr(xtr.astype(np.float64), y_train, alpha, seed)
+        pred = xte.astype(np.float64) @ coef.T
     t["ridge"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     r = pearson_per_column(y_test, pred)
@@ -490,7 +526,7 @@ def hest_fold(
 
 
 def run_folds(
-    data: SpotData, splits: List[Split], gene_kind: str, gene_value, seed: int = 0, hvg_pool: int = 2000,
+    data: SpotData, splits: List[Split], gene_kind: str, gene_value, seed: int = 1, hvg_pool: int = 2000,
     max_pcs: int = MAX_PCS, ridge: str = "exact", n_plot: int = 2000,
 ) -> List[FoldResult]:
     """Run the protocol on every split; gene sets of kind hvg/hmhvg are chosen on each training fold."""
@@ -662,10 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--genes", default="var50", help="var50 | hvg:N | hmhvg:N | G1,G2,... | genes.json/.txt")
     p.add_argument("--hvg-pool", type=int, default=2000, help="hmhvg:N picks the N most expressed of this many HVGs")
     p.add_argument("--ridge", choices=RIDGE_MODES, default="exact",
-                   help="exact: sklearn Ridge on all training spots, as upstream; fast: the equivalent compressed "
-                        "LSQR problem (orders of magnitude faster at HEST-Extended scale; Pearson within ~1e-3)")
+                   help="exact (default): HEST-Benchmark's calls and dtypes, equal to its train_test_reg to rounding; "
+                        "fast: the equivalent compressed LSQR problem (orders of magnitude faster at HEST-Extended "
+                        "scale; per-gene Pearson within ~1e-3 of exact)")
     p.add_argument("--name", default="gene_expression", help="report file stem")
-    add_common_args(p, default_out="eval_out/gene_expression")
+    add_common_args(p, default_out="eval_out/gene_expression", default_seed=1,
+                    seed_help="seed of PCA, Ridge and K-fold shuffling; 1 is HEST-Benchmark's default")
     return p
 
 
@@ -688,8 +726,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise ValueError("give either --task-dir and --features-dir, or --h5ad and --features")
     for note in data.notes:
         LOG.warning(note)
-    os.makedirs(args.out_dir, exist_ok=True)
-    results = {"protocol": {"targets": "log1p(raw counts)", "scaler": "StandardScaler", "pca_max_components": MAX_PCS,
+    warns = Warnings()
+    warns.check_features(data.features, args.features_dir or args.features)
+    ensure_dir(args.out_dir)
+    results = {"protocol": {"follows": "mahmoodlab/HEST src/hest/bench/benchmark.py::predict_single_split, trainer.py::train_test_reg",
+                            "targets": "log1p(raw counts), float64", "scaler": "StandardScaler", "pca_max_components": MAX_PCS,
+                            "pca": "Pipeline(StandardScaler, PCA).fit_transform(train), .transform(test); float32 output",
                             "ridge": "Ridge(solver='lsqr', alpha=100/(n_pcs*n_genes), fit_intercept=False, max_iter=1000)",
                             "genes": args.genes, "seed": args.seed, "ridge_mode": args.ridge, "n_spots": len(data.features),
                             "n_samples": int(len(np.unique(data.sample))), "feature_dim": int(data.features.shape[1])},
@@ -704,6 +746,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "summary": summaries[mode],
             "folds": [{"name": f.name, "n_train": f.n_train, "n_test": f.n_test, "n_components": f.n_components,
                        "alpha": f.alpha, "pca_solver": f.pca_solver, **f.summary()} for f in folds]}
+        nan_folds = [f"{f.name} ({f.summary()['n_nan_genes']})" for f in folds if f.summary()["n_nan_genes"]]
+        if nan_folds:
+            warns.append(f"{mode}: genes constant on a test fold have no Pearson r and are left out of that fold's "
+                         f"mean (HEST's mean would be nan): {', '.join(nan_folds)}")
         reduced = sorted({f.n_components for f in folds if f.n_components < MAX_PCS})
         if reduced:
             results["notes"].append(f"{mode}: PCA reduced to {reduced} components on small training folds")
@@ -725,7 +771,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         notes.append(results["drop_definition"])
         plots.append(plot_compare({m: summaries[m] for m in ("random", "loso")}, os.path.join(args.out_dir, f"{args.name}_compare.png")))
     results["plots"] = plots
-    write_report(args.out_dir, args.name, results, table, title=f"Gene expression ({args.genes})", notes=notes + results["notes"])
+    write_report(args.out_dir, args.name, results, table, title=f"Gene expression ({args.genes})", notes=notes + results["notes"],
+                 warnings=warns)
     LOG.info("report written to %s", os.path.join(args.out_dir, args.name + ".md"))
     return results
 

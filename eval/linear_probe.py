@@ -1,9 +1,22 @@
-"""Linear probe (patch classification) on frozen features, Patho-Bench style.
+"""Linear probe (patch classification) on frozen features, with three named protocols.
 
-``LogisticRegression(C, class_weight='balanced', max_iter=10000)`` with C chosen from a log-grid on
-the validation split (or by stratified K-fold CV on the training split with ``--cv K``), refitted
-on train (or train+val with ``--refit-train-val``) and scored on test. Without a split column,
-``--cv K`` runs an outer stratified K-fold instead (C chosen by inner CV on each outer-train part).
+``--protocol`` (default ``sweep``):
+
+* ``sweep`` (ours): ``LogisticRegression(C, class_weight='balanced', max_iter=10000)`` with C chosen
+  from 9 values 1e-4..1e4 by validation balanced accuracy (or stratified K-fold CV on train with
+  ``--cv K``), refitted on train (or train+val with ``--refit-train-val``), scored on test.
+* ``patho-bench``: Patho-Bench's shipped linear probe (mahmoodlab/Patho-Bench,
+  advanced_usage/configs/linprobe/linprobe.yaml: COST 0.5, BALANCED True;
+  patho_bench/experiments/LinearProbeExperiment.py, ExperimentFactory.py: max_iter 10000,
+  random_state 0): one C=0.5, balanced class weights, fitted on train, no selection.
+* ``dinov2``: DINOv2's ``log_regression`` (facebookresearch/dinov2, dinov2/eval/log_regression.py):
+  45 values C = 10**linspace(-6, 5, 45), L2 penalty, no class weights, max_iter 1000, tol 1e-12,
+  float64; C chosen by top-1 accuracy on val (without val rows, on a random 10% of train drawn with
+  ``torch.manual_seed(0)``), then refitted on train + that tuning set. DINOv2 fits with cuML; here
+  scikit-learn's lbfgs solves the same objective.
+
+Without a split column, ``--cv K`` runs an outer stratified K-fold instead (the sweep chooses C by
+inner CV on each outer-train part).
 
 Metrics: balanced accuracy, macro-F1, weighted F1, macro one-vs-rest AUROC (binary: AUROC of the
 positive class).
@@ -15,16 +28,43 @@ Examples::
 """
 import argparse
 import os
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
-from eval.common import LOG, add_common_args, atomic_write_text, load_features_h5, pyplot, save_figure, set_seed, \
-    setup_logging, write_report
+from eval.common import LOG, Warnings, add_common_args, atomic_write_text, check_features, ensure_dir, load_features_h5, \
+    pyplot, save_figure, set_seed, setup_logging, write_report
 
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-4, 4, 9))
-SELECT_METRICS = ("balanced_accuracy", "macro_f1")
+SELECT_METRICS = ("balanced_accuracy", "macro_f1", "accuracy")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How C is chosen and the model fitted; see the module docstring for the sources."""
+
+    name: str
+    c_grid: Tuple[float, ...]
+    class_weight: Optional[str]
+    max_iter: int
+    tol: float
+    select_metric: str  # metric that picks C (unused with one C)
+    refit_train_val: bool
+    random_state: Optional[int]  # None: the --seed
+    follows: str
+
+
+PROTOCOLS = {
+    "sweep": Protocol("sweep", DEFAULT_C_GRID, "balanced", 10000, 1e-4, "balanced_accuracy", False, None,
+                      "ours"),
+    "patho-bench": Protocol("patho-bench", (0.5,), "balanced", 10000, 1e-4, "balanced_accuracy", False, 0,
+                            "mahmoodlab/Patho-Bench advanced_usage/configs/linprobe/linprobe.yaml, "
+                            "patho_bench/experiments/LinearProbeExperiment.py"),
+    "dinov2": Protocol("dinov2", tuple(float(c) for c in 10.0 ** np.linspace(-6, 5, 45)), None, 1000, 1e-12,
+                       "accuracy", True, None, "facebookresearch/dinov2 dinov2/eval/log_regression.py"),
+}
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, n_classes: int) -> Dict[str, float]:
@@ -37,7 +77,8 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, n_classes: int
 
     pred = proba.argmax(axis=1)
     labels = np.arange(n_classes)
-    out = {"balanced_accuracy": float(balanced_accuracy_score(y_true, pred)),
+    out = {"accuracy": float(np.mean(pred == y_true)),
+           "balanced_accuracy": float(balanced_accuracy_score(y_true, pred)),
            "macro_f1": float(f1_score(y_true, pred, average="macro", labels=labels, zero_division=0)),
            "weighted_f1": float(f1_score(y_true, pred, average="weighted", labels=labels, zero_division=0))}
     present = np.unique(y_true)
@@ -52,10 +93,12 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, n_classes: int
     return out
 
 
-def _logreg(c: float, seed: int):
+def _logreg(c: float, seed: int, protocol: Protocol = PROTOCOLS["sweep"]):
     from sklearn.linear_model import LogisticRegression
 
-    return LogisticRegression(C=c, class_weight="balanced", max_iter=10000, random_state=seed)
+    seed = seed if protocol.random_state is None else protocol.random_state
+    return LogisticRegression(C=c, class_weight=protocol.class_weight, max_iter=protocol.max_iter, tol=protocol.tol,
+                              random_state=seed)
 
 
 def _proba_full(model, x: np.ndarray, n_classes: int) -> np.ndarray:
@@ -66,10 +109,16 @@ def _proba_full(model, x: np.ndarray, n_classes: int) -> np.ndarray:
     return out
 
 
-def choose_c(x_tr, y_tr, n_classes, c_grid, seed, metric, x_val=None, y_val=None, cv: int = 0) -> Tuple[float, List[dict]]:
-    """Pick C maximising ``metric`` on (x_val, y_val), or by stratified ``cv``-fold CV on the training data."""
+def choose_c(x_tr, y_tr, n_classes, c_grid, seed, metric, x_val=None, y_val=None, cv: int = 0,
+             protocol: Protocol = PROTOCOLS["sweep"]) -> Tuple[float, List[dict]]:
+    """Pick C maximising ``metric`` on (x_val, y_val), or by stratified ``cv``-fold CV on the training data.
+
+    Ties: the C closest to 1 (sweep), or the first C of the grid (dinov2's sweep keeps the first best).
+    """
     from sklearn.model_selection import StratifiedKFold
 
+    if len(c_grid) == 1:
+        return float(c_grid[0]), [{"C": float(c_grid[0]), metric: float("nan")}]
     scores = []
     for c in c_grid:
         if cv:
@@ -80,14 +129,17 @@ def choose_c(x_tr, y_tr, n_classes, c_grid, seed, metric, x_val=None, y_val=None
                 raise ValueError(f"--cv {cv}: a class has only {smallest} training sample; stratified CV needs 2")
             vals = []
             for tr, va in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(x_tr, y_tr):
-                m = _logreg(c, seed).fit(x_tr[tr], y_tr[tr])
+                m = _logreg(c, seed, protocol).fit(x_tr[tr], y_tr[tr])
                 vals.append(classification_metrics(y_tr[va], _proba_full(m, x_tr[va], n_classes), n_classes)[metric])
             score = float(np.mean(vals))
         else:
-            m = _logreg(c, seed).fit(x_tr, y_tr)
+            m = _logreg(c, seed, protocol).fit(x_tr, y_tr)
             score = classification_metrics(y_val, _proba_full(m, x_val, n_classes), n_classes)[metric]
         scores.append({"C": c, metric: score})
-    best = max(scores, key=lambda r: (r[metric], -abs(np.log10(r["C"]))))  # ties: the C closest to 1
+    if protocol.name == "dinov2":
+        best = scores[int(np.argmax([r[metric] for r in scores]))]
+    else:
+        best = max(scores, key=lambda r: (r[metric], -abs(np.log10(r["C"]))))
     return best["C"], scores
 
 
@@ -122,17 +174,56 @@ def _encode_labels(labels: np.ndarray) -> Tuple[np.ndarray, List[str]]:
     return np.array([index[v] for v in labels]), [str(c) for c in classes]
 
 
+def _dinov2_tuning_split(tr: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """DINOv2 without a tuning set: a random 10% of train (``torch.manual_seed(0)``, ``randperm``) tunes C."""
+    import torch
+
+    torch.manual_seed(0)
+    perm = torch.randperm(len(tr)).numpy()
+    n_tune = len(tr) // 10
+    return tr[perm[n_tune:]], tr[perm[:n_tune]]
+
+
+def _check_split_classes(y: np.ndarray, idx: Dict[str, np.ndarray], class_names: List[str], where: str,
+                         warns: Warnings) -> None:
+    """A one-class training split cannot be fitted (error); a class absent from another split is warned about."""
+    train_classes = np.unique(y[idx["train"]])
+    if len(train_classes) < 2:
+        raise ValueError(f"{where}: the training split holds only class {class_names[train_classes[0]]!r} "
+                         f"({len(idx['train'])} rows); a classifier needs at least 2 classes")
+    for part, rows in idx.items():
+        if not len(rows):
+            continue
+        missing = sorted(set(range(len(class_names))) - set(np.unique(y[rows]).tolist()))
+        if missing:
+            warns.add(f"{where}: class(es) {[class_names[c] for c in missing]} absent from the {part} split "
+                      f"({len(rows)} rows)")
+
+
 def run_probe(
     x: np.ndarray, labels: np.ndarray, split: Optional[np.ndarray] = None, cv: int = 0,
-    c_grid: Sequence[float] = DEFAULT_C_GRID, seed: int = 0, select_metric: str = "balanced_accuracy",
-    refit_train_val: bool = False,
+    c_grid: Optional[Sequence[float]] = None, seed: int = 0, select_metric: Optional[str] = None,
+    refit_train_val: Optional[bool] = None, protocol: str = "sweep", where: str = "features",
+    warns: Optional[Warnings] = None,
 ) -> Dict:
-    """The probe on in-memory data. Returns metrics, chosen C, per-fold details and test predictions."""
+    """The probe on in-memory data. Returns metrics, chosen C, per-fold details and test predictions.
+
+    ``c_grid``, ``select_metric`` and ``refit_train_val`` override the protocol's own values.
+    Degenerate inputs or results are added to ``warns`` (console and report).
+    """
     from sklearn.model_selection import StratifiedKFold
 
-    if select_metric not in SELECT_METRICS:
-        raise ValueError(f"unknown --select-metric '{select_metric}' (choose from {SELECT_METRICS})")
-    x = np.asarray(x, dtype=np.float64)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown --protocol '{protocol}' (choose from {tuple(PROTOCOLS)})")
+    proto = PROTOCOLS[protocol]
+    proto = replace(proto, c_grid=tuple(c_grid) if c_grid is not None else proto.c_grid,
+                    select_metric=select_metric or proto.select_metric,
+                    refit_train_val=proto.refit_train_val if refit_train_val is None else refit_train_val)
+    if proto.select_metric not in SELECT_METRICS:
+        raise ValueError(f"unknown --select-metric '{proto.select_metric}' (choose from {SELECT_METRICS})")
+    warns = Warnings() if warns is None else warns
+    x = np.asarray(check_features(x, where), dtype=np.float64)
+    warns.check_features(x, where)
     y, class_names = _encode_labels(np.asarray(labels))
     k = len(class_names)
     folds = []
@@ -140,41 +231,51 @@ def run_probe(
         split = np.asarray(split).astype(str)
         unknown = sorted(set(split) - {"train", "val", "test"})
         if unknown:
-            raise ValueError(f"split column has values other than train/val/test: {unknown}")
+            raise ValueError(f"{where}: split column has values other than train/val/test: {unknown}")
         tr, va, te = (np.flatnonzero(split == s) for s in ("train", "val", "test"))
         if not len(tr) or not len(te):
-            raise ValueError(f"need non-empty train and test splits (train {len(tr)}, val {len(va)}, test {len(te)})")
-        if not cv and not len(va):
-            raise ValueError("no 'val' rows to choose C: add a val split or pass --cv K (CV on train)")
+            raise ValueError(f"{where}: need non-empty train and test splits (train {len(tr)}, val {len(va)}, test {len(te)})")
+        if protocol == "dinov2" and not len(va) and not cv:
+            tr, va = _dinov2_tuning_split(tr)
+        if not cv and not len(va) and len(proto.c_grid) > 1:
+            raise ValueError(f"{where}: no 'val' rows to choose C: add a val split or pass --cv K (CV on train)")
+        _check_split_classes(y, {"train": tr, "val": va, "test": te}, class_names, where, warns)
         folds.append(("test", tr, va, te))
     else:
         if cv < 2:
-            raise ValueError("without a split column, pass --cv K (K >= 2) for stratified K-fold evaluation")
+            raise ValueError(f"{where}: without a split column, pass --cv K (K >= 2) for stratified K-fold evaluation")
         min_count = int(np.bincount(y).min())
         if min_count < cv:
-            raise ValueError(f"--cv {cv}: the smallest class has only {min_count} samples")
+            raise ValueError(f"{where}: --cv {cv}: the smallest class has only {min_count} samples")
         for i, (tr, te) in enumerate(StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed).split(x, y)):
-            folds.append((f"fold{i}", tr, np.array([], int), te))
+            va = np.array([], int)
+            if protocol == "dinov2":
+                tr, va = _dinov2_tuning_split(tr)
+            folds.append((f"fold{i}", tr, va, te))
     results, preds = [], []
     for name, tr, va, te in folds:
-        use_val = len(va) > 0 and not cv
-        c, grid = choose_c(x[tr], y[tr], k, c_grid, seed, select_metric,
-                           x[va] if use_val else None, y[va] if use_val else None, cv=0 if use_val else max(cv, 2))
-        fit_idx = np.concatenate([tr, va]) if refit_train_val and len(va) else tr
-        model = _logreg(c, seed).fit(x[fit_idx], y[fit_idx])
+        use_val = len(va) > 0 and (not cv or protocol == "dinov2")
+        c, grid = choose_c(x[tr], y[tr], k, proto.c_grid, seed, proto.select_metric,
+                           x[va] if use_val else None, y[va] if use_val else None,
+                           cv=0 if use_val else max(cv, 2), protocol=proto)
+        fit_idx = np.concatenate([tr, va]) if proto.refit_train_val and len(va) else tr
+        model = _logreg(c, seed, proto).fit(x[fit_idx], y[fit_idx])
         proba = _proba_full(model, x[te], k)
         m = classification_metrics(y[te], proba, k)
+        if np.isnan(m["macro_auroc"]):
+            warns.add(f"{where}, {name}: AUROC undefined (nan): the test set holds a single class")
         LOG.info("%s: C=%g  %s", name, c, "  ".join(f"{a} {b:.4f}" for a, b in m.items()))
         results.append({"name": name, "C": c, "n_train": len(fit_idx), "n_test": len(te), **m, "c_search": grid})
         preds.append((te, proba))
-    metric_names = ("balanced_accuracy", "macro_f1", "weighted_f1", "macro_auroc")
+    metric_names = ("balanced_accuracy", "macro_f1", "weighted_f1", "macro_auroc", "accuracy")
     summary = {m: float(np.mean([r[m] for r in results])) for m in metric_names}
     summary.update({f"{m}_std": float(np.std([r[m] for r in results])) for m in metric_names})
     idx = np.concatenate([p[0] for p in preds])
     proba = np.concatenate([p[1] for p in preds])
     return {"summary": summary, "folds": results, "class_names": class_names, "test_index": idx,
-            "test_true": y[idx], "test_proba": proba, "seed": seed, "select_metric": select_metric,
-            "c_grid": list(c_grid)}
+            "test_true": y[idx], "test_proba": proba, "seed": seed, "select_metric": proto.select_metric,
+            "c_grid": list(proto.c_grid), "protocol": protocol, "follows": proto.follows,
+            "refit_train_val": proto.refit_train_val, "warnings": warns}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,9 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-key", default="split", help="dataset holding train/val/test (absent: use --cv)")
     p.add_argument("--cv", type=int, default=0, help="choose C by stratified K-fold CV on train (or, without a "
                                                      "split column, evaluate by outer stratified K-fold)")
-    p.add_argument("--c-grid", default=",".join(f"{c:g}" for c in DEFAULT_C_GRID), help="comma list of C values")
-    p.add_argument("--select-metric", choices=SELECT_METRICS, default="balanced_accuracy", help="metric to choose C")
-    p.add_argument("--refit-train-val", action="store_true", help="refit the chosen C on train+val before testing")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="sweep",
+                   help="sweep (default, ours): 9 C values by val balanced accuracy, balanced weights; patho-bench: "
+                        "Patho-Bench's C=0.5, balanced weights; dinov2: DINOv2's 45 C values by val top-1, no weights, "
+                        "refit on train+val")
+    p.add_argument("--c-grid", default=None, help="comma list of C values (default: the protocol's; sweep: "
+                   + ",".join(f"{c:g}" for c in DEFAULT_C_GRID) + ")")
+    p.add_argument("--select-metric", choices=SELECT_METRICS, default=None,
+                   help="metric to choose C (default: the protocol's; sweep: balanced_accuracy, dinov2: accuracy)")
+    p.add_argument("--refit-train-val", action="store_true", default=None,
+                   help="refit the chosen C on train+val before testing (dinov2 always does)")
     p.add_argument("--name", default="linear_probe", help="report file stem")
     add_common_args(p, default_out="eval_out/linear_probe")
     return p
@@ -201,16 +309,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     data = load_features_h5(args.features)
     if args.label_key not in data:
         raise KeyError(f"{args.features} has no '{args.label_key}' dataset (found: {sorted(data)})")
-    try:
-        c_grid = [float(c) for c in args.c_grid.split(",") if c.strip()]
-    except ValueError:
-        raise ValueError(f"--c-grid must be a comma list of numbers, got '{args.c_grid}'") from None
-    if not c_grid or min(c_grid) <= 0:
-        raise ValueError("--c-grid needs positive values")
+    c_grid = None
+    if args.c_grid is not None:
+        try:
+            c_grid = [float(c) for c in args.c_grid.split(",") if c.strip()]
+        except ValueError:
+            raise ValueError(f"--c-grid must be a comma list of numbers, got '{args.c_grid}'") from None
+        if not c_grid or min(c_grid) <= 0:
+            raise ValueError("--c-grid needs positive values")
     split = data.get(args.split_key)
     res = run_probe(data["features"], data[args.label_key], split, args.cv, c_grid, args.seed, args.select_metric,
-                    args.refit_train_val)
-    os.makedirs(args.out_dir, exist_ok=True)
+                    args.refit_train_val, args.protocol, where=args.features)
+    ensure_dir(args.out_dir)
     names = res["class_names"]
     pred = res["test_proba"].argmax(axis=1)
     cm_path = plot_confusion(res["test_true"], pred, names, os.path.join(args.out_dir, f"{args.name}_confusion.png"),
@@ -229,12 +339,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         rows.append({"split": "mean ± std", **{k: f"{s[m]:.4f} ± {s[m + '_std']:.4f}" for k, m in
                      (("balanced acc", "balanced_accuracy"), ("macro-F1", "macro_f1"), ("weighted F1", "weighted_f1"),
                       ("macro AUROC", "macro_auroc"))}})
-    out = {"features": args.features, "classes": names, "seed": args.seed, "select_metric": args.select_metric,
-           "c_grid": c_grid, "cv": args.cv, "refit_train_val": args.refit_train_val, "summary": s,
-           "folds": res["folds"], "confusion_matrix_png": cm_path}
+    proto = PROTOCOLS[args.protocol]
+    out = {"features": args.features, "classes": names, "seed": args.seed, "protocol": args.protocol,
+           "follows": res["follows"], "select_metric": res["select_metric"], "c_grid": res["c_grid"], "cv": args.cv,
+           "refit_train_val": res["refit_train_val"], "summary": s, "folds": res["folds"], "confusion_matrix_png": cm_path}
+    how = ("one C, no selection" if len(res["c_grid"]) == 1 else
+           f"C from {len(res['c_grid'])} values chosen by {res['select_metric']} on "
+           f"{'val' if split is not None and not args.cv else f'{args.cv}-fold CV'}")
     write_report(args.out_dir, args.name, out, rows, title=f"Linear probe: {os.path.basename(args.features)}",
-                 notes=[f"LogisticRegression(class_weight='balanced', max_iter=10000), C chosen by {args.select_metric} "
-                        f"on {'val' if split is not None and not args.cv else f'{args.cv}-fold CV'}; seed {args.seed}"])
+                 notes=[f"Protocol '{args.protocol}' (default 'sweep'; follows {res['follows']}): LogisticRegression("
+                        f"class_weight={proto.class_weight!r}, max_iter={proto.max_iter}, tol={proto.tol:g}), {how}"
+                        f"{', refit on train+val' if res['refit_train_val'] else ''}; seed {args.seed}"],
+                 warnings=res["warnings"])
     return out
 
 

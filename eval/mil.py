@@ -20,7 +20,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedGroupKFold
 
 from .abmil import ABMILConfig, predict_abmil, train_abmil
-from .common import LOG, add_common_args, save_features_h5, save_figure, set_seed, setup_logging, write_report
+from .common import LOG, add_common_args, ensure_dir, feature_key, save_features_h5, save_figure, set_seed, setup_logging, write_report
 
 
 # --------------------------------------------------------------------------- slide tables
@@ -82,9 +82,7 @@ class BagStore:
         for p in self.paths:
             try:
                 with h5py.File(p, "r") as f:
-                    if "features" not in f:
-                        raise KeyError(f"{p} has no 'features' dataset (found {list(f.keys())})")
-                    shape = f["features"].shape
+                    shape = f[feature_key(f, p)].shape
             except OSError as e:
                 raise OSError(f"cannot read slide feature file {p}: {e}") from e
             if len(shape) != 2 or shape[0] == 0:
@@ -101,7 +99,7 @@ class BagStore:
         if i in self.cache:
             return self.cache[i]
         with h5py.File(self.paths[i], "r") as f:
-            bag = torch.from_numpy(np.asarray(f["features"][()], dtype=np.float32))
+            bag = torch.from_numpy(np.asarray(f[feature_key(f, self.paths[i])][()], dtype=np.float32))
         if not torch.isfinite(bag).all():
             raise ValueError(f"{self.paths[i]}: features contain NaN or inf")
         if bag.numel() * 4 <= self.budget:
@@ -149,9 +147,17 @@ def cindex(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
 
 
 def mean_std(values: Sequence[float]) -> Dict[str, float]:
+    """Mean, population std and standard error over folds (non-finite folds left out of mean and std).
+
+    ``se`` is Patho-Bench's (patho_bench/experiments/BaseExperiment.py::get_mean_se): ``np.std`` over
+    the folds divided by the square root of the number of folds.
+    """
+    n = len(values)
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
-    return {"mean": float(v.mean()) if v.size else float("nan"), "std": float(v.std()) if v.size else float("nan")}
+    if not v.size:
+        return {"mean": float("nan"), "std": float("nan"), "se": float("nan")}
+    return {"mean": float(v.mean()), "std": float(v.std()), "se": float(v.std() / np.sqrt(n))}
 
 
 # --------------------------------------------------------------------------- CV driver
@@ -267,7 +273,7 @@ def main(argv=None) -> Dict:
         labels = None
         res = run_mil_cv(store, len(store), "survival", times=df[args.time_col].to_numpy(float), events=df[args.event_col].to_numpy(int), **kw)
 
-    os.makedirs(args.out_dir, exist_ok=True)
+    ensure_dir(args.out_dir)
     plots = []
     if args.task == "classification" and len(class_names) == 2:
         plots.append(os.path.join(args.out_dir, "mil_roc.png"))
@@ -285,7 +291,7 @@ def main(argv=None) -> Dict:
         "classes": [str(c) for c in class_names], "config": vars(cfg), "args": vars(args),
         "folds": res["folds"], "summary": res["summary"], "plots": plots,
     }
-    table = [{"metric": m, "mean": s["mean"], "std": s["std"]} for m, s in res["summary"].items()]
+    table = [{"metric": m, "mean": s["mean"], "std": s["std"], "SE": s["se"]} for m, s in res["summary"].items()]
     notes = ["Cross-validation grouped by patient (StratifiedGroupKFold); ABMIL re-trained per fold.",
              "Attention files (if saved) hold 'features' = attention weights (N, heads) in patch order."]
     write_report(args.out_dir, "mil", results, table, title=f"ABMIL {args.task} ({len(df)} slides)", notes=notes)

@@ -1,7 +1,9 @@
 """Patch retrieval on frozen embeddings: kNN retrieval metrics and prototype ("zero-shot") retrieval.
 
-kNN (Patho-Bench / THUNDER): embeddings are L2-normalised and ranked by cosine similarity (or by
-L2 distance with ``--metric l2``); for k in {1, 3, 5, 10}:
+kNN: ``--metric cosine`` (default, ours): embeddings are L2-normalised and ranked by cosine
+similarity; ``--metric l2``: Patho-Bench's default (mahmoodlab/Patho-Bench,
+patho_bench/experiments/utils/Retriever.py: ``similarity='l2'``, ``centering=False``;
+advanced_usage/configs/retrieval/retrieval.yaml), raw embeddings ranked by L2 distance. For k in {1, 3, 5, 10}:
 
 * ``top{k}_acc``  - a query is a hit if any of its k nearest neighbours has its label;
 * ``mv@{k}_acc``  - majority vote of the k labels; a tie is broken by the rank of the first
@@ -29,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .common import LOG, add_common_args, load_features_h5, save_figure, set_seed, setup_logging, write_report
+from .common import LOG, Warnings, add_common_args, check_features, ensure_dir, load_features_h5, save_figure, set_seed, setup_logging, write_report
 
 try:  # optional CPU/GPU nearest-neighbour library
     import faiss  # type: ignore
@@ -251,15 +253,29 @@ def _plot(knn: Optional[Dict], proto: Optional[Dict], path: str) -> str:
     return save_figure(fig, path)
 
 
-def _load(path: str, label_key: str) -> Dict[str, np.ndarray]:
+def _load(path: str, label_key: str, warns: Warnings) -> Dict[str, np.ndarray]:
     data = load_features_h5(path)
     if label_key not in data:
         raise KeyError(f"{path} has no label dataset {label_key!r} (found {sorted(data)})")
     if len(data[label_key]) != len(data["features"]):
         raise ValueError(f"{path}: {len(data[label_key])} labels for {len(data['features'])} feature rows")
-    if not np.isfinite(data["features"]).all():
-        raise ValueError(f"{path}: features contain NaN or inf")
+    check_features(data["features"], path)
+    warns.check_features(data["features"], path)
     return data
+
+
+def _check_query_database(xq: np.ndarray, xd: np.ndarray, yq: np.ndarray, yd: np.ndarray, where: str,
+                          warns: Warnings) -> None:
+    """Widths must agree; the same rows on both sides and query classes absent from the database are warned about."""
+    if xq.shape[1] != xd.shape[1]:
+        raise ValueError(f"{where}: query features are {xq.shape[1]}-wide, database features {xd.shape[1]}-wide "
+                         "(extracted with different models?)")
+    if xq.shape == xd.shape and np.array_equal(xq, xd) and len(np.unique(xq, axis=0)) > 1:  # constant: warned apart
+        warns.add(f"{where}: query and database are the same rows; every query retrieves itself (top-1 = 1.0). "
+                  "Use a split column or leave-one-out (--features without --split-key)")
+    missing = sorted(set(yq.tolist()) - set(yd.tolist()))
+    if missing:
+        warns.add(f"{where}: query class(es) {missing} have no database item: those queries can never hit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-split", default="test")
     p.add_argument("--database-split", default="train")
     p.add_argument("--mode", choices=["knn", "prototype", "both"], default="both")
-    p.add_argument("--metric", choices=["cosine", "l2"], default="cosine")
+    p.add_argument("--metric", choices=["cosine", "l2"], default="cosine",
+                   help="cosine (default, ours): L2-normalised embeddings; l2: Patho-Bench's Retriever default "
+                        "(raw embeddings, no centering)")
     p.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS))
     p.add_argument("--backend", choices=["auto", "torch", "faiss"], default="auto")
     p.add_argument("--query-block", type=int, default=1024, help="queries per block (memory = block x db-block floats)")
@@ -288,8 +306,9 @@ def main(argv=None) -> Dict:
     set_seed(args.seed)
     if bool(args.query) != bool(args.database) or bool(args.features) == bool(args.query):
         raise SystemExit("give either --features FILE, or both --query FILE and --database FILE")
+    warns = Warnings()
     if args.features:
-        data = _load(args.features, args.label_key)
+        data = _load(args.features, args.label_key, warns)
         X, y = data["features"], data[args.label_key].astype(str)
         if args.split_key:
             if args.split_key not in data:
@@ -300,11 +319,15 @@ def main(argv=None) -> Dict:
                 raise ValueError(f"split {args.split_key!r} has {qm.sum()} {args.query_split!r} and {dm.sum()} "
                                  f"{args.database_split!r} rows; both must be non-empty (values: {sorted(set(split))})")
             Xq, yq, Xd, yd = X[qm], y[qm], X[dm], y[dm]
+            _check_query_database(Xq, Xd, yq, yd, f"{args.features} ({args.query_split} vs {args.database_split})", warns)
         else:
             Xq, yq, Xd, yd = X, y, None, None
     else:
-        q, d = _load(args.query, args.label_key), _load(args.database, args.label_key)
+        q, d = _load(args.query, args.label_key, warns), _load(args.database, args.label_key, warns)
         Xq, yq, Xd, yd = q["features"], q[args.label_key].astype(str), d["features"], d[args.label_key].astype(str)
+        if os.path.realpath(args.query) == os.path.realpath(args.database):
+            warns.add(f"--query and --database are the same file {args.query}")
+        _check_query_database(Xq, Xd, yq, yd, f"{args.query} vs {args.database}", warns)
     LOG.info("retrieval: %d queries, %s database rows", len(Xq), "leave-one-out" if Xd is None else len(Xd))
     results: Dict = {"n_query": len(Xq), "n_database": len(Xq) if Xd is None else len(Xd), "args": vars(args)}
     rows: List[Dict] = []
@@ -325,16 +348,18 @@ def main(argv=None) -> Dict:
         results["prototype"] = {k: v for k, v in proto.items() if k not in ("predictions", "similarities", "classes")}
         proto_row = {"method": "prototype", "accuracy": proto["accuracy"], "balanced acc": proto["balanced_accuracy"],
                      "macro F1": proto["macro_f1"], "mean per-class AP": proto["mean_ap"]}
-    os.makedirs(args.out_dir, exist_ok=True)
+    ensure_dir(args.out_dir)
     results["plots"] = [_plot(knn, proto, os.path.join(args.out_dir, "retrieval.png"))]
-    notes = ["Majority-vote ties go to the tied label nearest in the ranking.",
+    notes = [f"Metric '{args.metric}' (default 'cosine', ours; 'l2' is Patho-Bench's Retriever default).",
+             "Majority-vote ties go to the tied label nearest in the ranking.",
              "mAP@k divides by min(k, #relevant database items) (= Patho-Bench's /k when every class has >= k items)."]
     if proto is not None:
         if rows:  # one table per report: the prototype summary goes under the kNN table
             notes.insert(0, "Prototype retrieval: " + ", ".join(f"{k} {v:.4f}" for k, v in proto_row.items() if k != "method"))
         else:
             rows.append(proto_row)
-    write_report(args.out_dir, "retrieval", results, rows, title=f"Patch retrieval ({args.metric})", notes=notes)
+    write_report(args.out_dir, "retrieval", results, rows, title=f"Patch retrieval ({args.metric})", notes=notes,
+                 warnings=warns)
     return results
 
 

@@ -9,7 +9,7 @@ optionally ``patient_id``.
     Kaplan-Meier curves per cluster and the multivariate log-rank p-value (lifelines).
 (b) **CoxNet** (Patho-Bench): ``CoxnetSurvivalAnalysis(l1_ratio=0.5, alphas=[a])`` for each alpha,
     K-fold CV grouped by patient and stratified on the event, Harrell's c-index per fold
-    (mean ± std) and a 100-resample bootstrap 95% CI of the pooled out-of-fold c-index.
+    (mean ± SE as Patho-Bench reports it, or ± std with ``--spread std``) and a 100-resample bootstrap 95% CI of the pooled out-of-fold c-index.
 
 ``--pooling abmil`` replaces the mean pool in (b) by the attention-pooled embedding of an ABMIL
 trained with the Cox loss on the training folds only. (a) always uses the mean pool: an
@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from .abmil import ABMILConfig, predict_abmil, train_abmil
-from .common import LOG, add_common_args, save_figure, set_seed, setup_logging, write_report
+from .common import LOG, add_common_args, ensure_dir, save_figure, set_seed, setup_logging, write_report
 from .mil import BagStore, cindex, grouped_folds, match_slides, mean_std, read_slide_csv
 
 DEFAULT_ALPHAS = (0.01, 0.02, 0.07)
@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--covariance-type", choices=["full", "tied", "diag", "spherical"], default="full")
     p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS))
     p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--spread", choices=["se", "std"], default="se",
+                   help="spread of the fold c-indices in the table: se (default, Patho-Bench's std/sqrt(folds)) or std")
     p.add_argument("--bootstraps", type=int, default=100)
     p.add_argument("--abmil-epochs", type=int, default=ABMILConfig.epochs)
     p.add_argument("--abmil-hidden", type=int, default=ABMILConfig.hidden)
@@ -239,7 +241,7 @@ def main(argv=None) -> Dict:
     store = BagStore(df["path"])
     times, events = df[args.time_col].to_numpy(float), df[args.event_col].to_numpy(int)
     patients = df["patient_id"].to_numpy()
-    os.makedirs(args.out_dir, exist_ok=True)
+    ensure_dir(args.out_dir)
     results: Dict = {"n_slides": len(df), "n_patients": int(len(np.unique(patients))), "n_events": int(events.sum()),
                      "args": vars(args), "plots": []}
     rows, notes = [], []
@@ -275,12 +277,14 @@ def main(argv=None) -> Dict:
         results["plots"].append(_plot_cindex(cox, os.path.join(args.out_dir, "coxnet_cindex.png")))
         for a, r in cox["alphas"].items():
             ci = r["bootstrap_ci95"]
-            rows.append({"analysis": f"CoxNet α={a:g} ({args.pooling} pool)", "metric": "c-index (fold mean ± std)",
-                         "value": f"{r['c_index_mean']:.4f} ± {r['c_index_std']:.4f}"})
+            rows.append({"analysis": f"CoxNet α={a:g} ({args.pooling} pool)", "metric": f"c-index (fold mean ± {args.spread})",
+                         "value": f"{r['c_index_mean']:.4f} ± {r['c_index_' + args.spread]:.4f}"})
             rows.append({"analysis": f"CoxNet α={a:g} ({args.pooling} pool)", "metric": "pooled OOF c-index [95% CI]",
                          "value": f"{r['pooled_c_index']:.4f} [{ci['low']:.4f}, {ci['high']:.4f}]"})
         notes.append(f"CoxNet: {cox['n_folds']}-fold CV grouped by patient, stratified on event; features standardised "
                      "on each training fold; CI = percentile bootstrap of the pooled out-of-fold c-index.")
+        notes.append(f"± {args.spread} over folds (--spread, default se: Patho-Bench's get_mean_se, std/sqrt(folds); "
+                     "std: population std). The JSON holds both.")
     write_report(args.out_dir, "survival", results, rows, title=f"Survival ({len(df)} slides, {int(events.sum())} events)", notes=notes)
     return results
 

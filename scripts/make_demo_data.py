@@ -13,6 +13,7 @@ Parts (each also callable from Python: ``write_classification``, ``write_hest``,
   ``var_50genes.json``, ``meta.csv`` and ``ground_truth.json`` (informative genes, batch strength).
 * ``slides/``  ``patches/{slide_id}.h5`` (img, barcode, coords) and ``clinical.csv``
   (slide_id, patient_id, time, event, label, study, risk).
+* ``compare_tasks.yaml``  the tasks file of ``python -m eval.compare`` for the parts written.
 
 Each part is built in a temporary folder and renamed into place when complete, with a
 ``.complete.json`` recording its parameters; rerunning with the same parameters skips it, and
@@ -318,6 +319,37 @@ def make_demo_data(out: str | os.PathLike, image_size: int = 64, seed: int = 0, 
     return summaries
 
 
+TASKS_FILE = "compare_tasks.yaml"
+
+
+def write_tasks_file(out: str | Path, parts=("classification", "hest", "slides")) -> Path:
+    """``<out>/compare_tasks.yaml``: the tasks of ``python -m eval.compare`` on the parts written (paths relative)."""
+    from omegaconf import OmegaConf
+
+    features, tasks = {}, {}
+    if "hest" in parts:
+        features["hest"] = {"hest_patches": "hest/patches"}
+        tasks["gene_expression"] = {"features": "hest", "args": ["--task-dir", "hest", "--compare", "random,loso",
+                                                                  "--folds", "5", "--genes", "var50", "--study-key", "study"]}
+    if "classification" in parts:
+        features["patches"] = {"csv": "classification/labels.csv"}
+        tasks["linear_probe"] = {"features": "patches"}
+        knn = ["--split-key", "split", "--query-split", "test", "--database-split", "train"]
+        tasks["retrieval"] = {"features": "patches", "args": [*knn, "--mode", "both"]}
+        # the same retrieval on mean-pooled patch tokens alone: MV_Hybrid's default embedding concatenates CLS
+        # and mean tokens, and after a short pretraining the larger-norm CLS half dominates the distances
+        features["patches_mean"] = {"csv": "classification/labels.csv", "embedding": "mean"}
+        tasks["retrieval_mean_tokens"] = {"script": "retrieval", "features": "patches_mean", "args": [*knn, "--mode", "knn"]}
+    if "slides" in parts:
+        features["slides"] = {"hest_patches": "slides/patches"}
+        tasks["survival"] = {"features": "slides", "args": ["--clinical", "slides/clinical.csv"]}
+        tasks["mil"] = {"features": "slides", "args": ["--csv", "slides/clinical.csv", "--epochs", "10"]}
+    path = Path(out) / TASKS_FILE
+    path.write_text("# written by scripts/make_demo_data.py: python -m eval.compare --tasks " + TASKS_FILE + " ...\n"
+                    + OmegaConf.to_yaml(OmegaConf.create({"features": features, "tasks": tasks})))
+    return path
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -349,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         n_per_class=a.n_per_class, samples_per_study=a.samples_per_study, spots_per_sample=a.spots_per_sample,
         n_genes=a.n_genes, n_informative=a.n_informative, batch_strength=a.batch_strength,
         n_slides=a.n_slides, patches_per_slide=a.patches_per_slide)
+    parts = tuple(p.strip() for p in a.parts.split(",") if p.strip())
+    print(f"tasks for eval.compare: {write_tasks_file(a.out, parts)}")
     for s in summaries:
         details = ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("part", "path", "skipped"))
         print(f"{s['part']:>15}: {'already complete, skipped' if s['skipped'] else 'written'} -> {s['path']}"

@@ -48,7 +48,7 @@ def test_write_report_json_and_markdown(tmp_path):
     paths = common.write_report(str(tmp_path), "res", {"pcc": np.float32(0.5), "bad": float("nan"), "n": np.int64(3)},
                                 [{"model": "m", "pcc": 0.123456}], title="T", notes=["a note"])
     data = json.loads(open(paths["json"]).read())
-    assert data == {"pcc": 0.5, "bad": None, "n": 3}
+    assert data == {"pcc": 0.5, "bad": None, "n": 3, "warnings": []}
     md = open(paths["md"]).read()
     assert md.startswith("# T") and "| model | pcc |" in md and "0.1235" in md and "- a note" in md
 

@@ -198,3 +198,102 @@ def test_wsi_end_to_end_with_openslide(tmp_path):
             assert len(c["coords"]) > 0
             np.testing.assert_array_equal(f["coords"][()], c["coords"][()])
             assert f["features"].shape == (len(c["coords"]), 64) and np.isfinite(f["features"][()]).all()
+
+
+# ---------------------------------------------------------------- provenance and faults (issue 15)
+def _tiny_checkpoint(path, seed):
+    import mambavision
+
+    torch.manual_seed(seed)
+    model = mambavision.create_model("mv_hybrid", **TINY_KW)
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def _ckpt_run(tmp_path, ckpt, *extra):
+    return ef.main(["--model", "mv_hybrid", "--checkpoint", str(ckpt), "--model-kwargs", TINY, "--img-size", "32",
+                    "--no-progress", "--out-dir", str(tmp_path / "rep"), *extra])
+
+
+def test_outputs_record_model_digest_preprocessing_and_refuse_another_model(tmp_path, image_folder):
+    import hashlib
+
+    a, b = _tiny_checkpoint(tmp_path / "a.pth", 0), _tiny_checkpoint(tmp_path / "b.pth", 1)
+    out = str(tmp_path / "f.h5")
+    _ckpt_run(tmp_path, a, "--images", str(image_folder), "--output", out)
+    with h5py.File(out) as f:
+        attrs = dict(f.attrs)
+    assert attrs["model"] == "mv_hybrid" and attrs["img_size"] == "32" and attrs["embedding"] == "default"
+    assert attrs["checkpoint_sha256"] == hashlib.sha256(open(a, "rb").read()).hexdigest()
+    assert _ckpt_run(tmp_path, a, "--images", str(image_folder), "--output", out)["resumed"]  # same model: reused
+    with pytest.raises(ValueError, match=r"f.h5 was extracted differently \(checkpoint_sha256: "):
+        _ckpt_run(tmp_path, b, "--images", str(image_folder), "--output", out)
+    with pytest.raises(ValueError, match=r"random_init_seed: '' in the file, '0' now"):
+        _run(tmp_path, "--images", str(image_folder), "--output", out)
+    with pytest.raises(ValueError, match=r"img_size: '32' in the file, '64' now"):
+        _ckpt_run(tmp_path, a, "--images", str(image_folder), "--output", out, "--img-size", "64")
+    _ckpt_run(tmp_path, b, "--images", str(image_folder), "--output", out, "--overwrite")
+    with h5py.File(out) as f:
+        assert f.attrs["checkpoint_sha256"] == hashlib.sha256(open(b, "rb").read()).hexdigest()
+
+
+def test_per_sample_outputs_refuse_another_model_and_unrecorded_files(tmp_path):
+    src = tmp_path / "patches"
+    src.mkdir()
+    _patch_file(src / "S1.h5", 4)
+    out = tmp_path / "feats"
+    _run(tmp_path, "--hest-patches", str(src), "--output", str(out))
+    with pytest.raises(ValueError, match=r"S1.h5 was extracted differently \(random_init_seed: '0' in the file, '3' now"):
+        _run(tmp_path, "--hest-patches", str(src), "--output", str(out), "--seed", "3")
+    with h5py.File(out / "S1.h5", "a") as f:  # a file from before provenance was recorded
+        for k in list(f.attrs):
+            del f.attrs[k]
+    with pytest.raises(ValueError, match="S1.h5 records no model or checkpoint"):
+        _run(tmp_path, "--hest-patches", str(src), "--output", str(out))
+
+
+def test_refused_checkpoint_does_not_relay_weights_only_false(tmp_path, image_folder):
+    bad = tmp_path / "pickled.pth"
+    torch.save({"teacher": {}, "obj": types.SimpleNamespace(a=1)}, bad)
+    with pytest.raises(ValueError, match="refused checkpoint .*pickled.pth") as e:
+        _ckpt_run(tmp_path, bad, "--images", str(image_folder), "--output", str(tmp_path / "x.h5"))
+    assert "weights_only=False" not in str(e.value) and "weights_only` set to `False" not in str(e.value)
+
+
+def test_output_path_of_the_wrong_kind_is_named(tmp_path, image_folder):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="afile exists and is a file; --hest-patches writes one .h5 per"):
+        _run(tmp_path, "--hest-patches", str(tmp_path), "--output", str(tmp_path / "afile"))
+    with pytest.raises(IsADirectoryError, match="is a folder; --images writes one .h5 file"):
+        _run(tmp_path, "--images", str(image_folder), "--output", str(tmp_path))
+    with pytest.raises(NotADirectoryError, match="output folder .*afile exists and is a file"):
+        ef.main(["--model", "mv_hybrid", "--random-init", "--model-kwargs", TINY, "--img-size", "32", "--no-progress",
+                 "--images", str(image_folder), "--output", str(tmp_path / "o.h5"), "--out-dir", str(tmp_path / "afile")])
+
+
+def test_wsi_bad_slide_is_skipped_and_counted(tmp_path, monkeypatch):
+    """One slide whose tiles cannot be read: the others are written, the failure named in the summary."""
+
+    class FakeWSI(torch.utils.data.Dataset):
+        def __init__(self, slides, coords, transform=None):
+            self.slide_paths = [os.path.join(slides, f"s{i}.svs") for i in range(3)]
+            self.slide_index = np.array([0, 0, 1, 1, 2])
+            self.coords = np.arange(10).reshape(5, 2)
+            self.transform = transform
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            if self.slide_index[i] == 1:
+                raise RuntimeError(f"cannot read patch {i} of s1.svs: ZIPDecode")
+            return self.transform(Image.fromarray(np.full((32, 32, 3), 9 * i, np.uint8))), 0
+
+    mod = types.ModuleType("dino.data.datasets.wsi_coords")
+    mod.WSICoordsDataset = FakeWSI
+    monkeypatch.setitem(sys.modules, "dino.data.datasets.wsi_coords", mod)
+    out = tmp_path / "feats"
+    s = _run(tmp_path, "--wsi", str(tmp_path), "--coords", str(tmp_path), "--output", str(out))
+    assert (s["n_done"], s["n_failed"]) == (2, 1) and "s1.svs" in s["failed"][0] and "ZIPDecode" in s["failed"][0]
+    assert sorted(os.listdir(out)) == ["s0.h5", "s2.h5"]
+    assert "ZIPDecode" in open(tmp_path / "rep" / "extract_features.md").read()

@@ -95,65 +95,24 @@ def test_compressed_ridge_lsqr_equals_sklearn_on_full_data():
     assert np.abs(ours - ref).max() < 1e-3 * np.abs(ref - exact).max()
 
 
-def _independent_hest(x_tr, x_te, y_tr, y_te, seed):
-    """The HEST-Benchmark protocol written out directly with scikit-learn and scipy."""
-    from sklearn.decomposition import PCA
-    from sklearn.linear_model import Ridge
-    from sklearn.preprocessing import StandardScaler
-
-    sc = StandardScaler().fit(x_tr)
-    n = min(256, x_tr.shape[0], x_tr.shape[1])
-    pca = PCA(n_components=n, random_state=seed).fit(sc.transform(x_tr))
-    a, b = pca.transform(sc.transform(x_tr)), pca.transform(sc.transform(x_te))
-    reg = Ridge(solver="lsqr", alpha=100 / (n * y_tr.shape[1]), fit_intercept=False, max_iter=1000, random_state=seed)
-    pred = reg.fit(a, y_tr).predict(b)
-    return np.array([pearsonr(y_te[:, j], pred[:, j])[0] for j in range(y_te.shape[1])]), n
-
-
-def test_hest_fold_caps_pcs_at_256_and_matches_independent_protocol():
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(400, 260)).astype(np.float32)
-    y = np.log1p(rng.poisson(np.exp(0.5 + 0.3 * x[:, :5] @ rng.normal(size=(5, 8)) / 3)).astype(np.float64))
-    res = ge.hest_fold(x[:320], x[320:], y[:320], y[320:], seed=0)
-    ref, n = _independent_hest(x[:320], x[320:], y[:320], y[320:], 0)
-    assert res["n_components"] == n == 256 and res["alpha"] == pytest.approx(100 / (256 * 8))
-    np.testing.assert_allclose(res["pearson"], ref, atol=1e-6)
-    # the compressed solver: same problem, within LSQR's own rounding sensitivity
-    fast = ge.hest_fold(x[:320], x[320:], y[:320], y[320:], seed=0, ridge="fast")
-    np.testing.assert_allclose(fast["pearson"], ref, atol=2e-3)
-
-
-def test_cli_per_gene_pearson_matches_independent_sklearn_scipy(tmp_path):
-    task, feats, inf, noise = make_hest_task(str(tmp_path))
-    out = str(tmp_path / "out")
-    ge.main(["--task-dir", task, "--features-dir", feats, "--split", "hest", "--genes", "var50", "--out-dir", out])
-    rows = pd.read_csv(os.path.join(out, "gene_expression_per_gene.csv"))
-    # independent reading of the task: per split, features matched by barcode, log1p(raw counts)
-    import anndata
-
-    genes = inf + noise
-    for k in (0, 1):
-        xs, ys = {}, {}
-        for part in ("train", "test"):
-            ids = pd.read_csv(os.path.join(task, "splits", f"{part}_{k}.csv"))["sample_id"]
-            xl, yl = [], []
-            for sid in ids:
-                ad = anndata.read_h5ad(os.path.join(task, "adata", f"{sid}.h5ad"))
-                f = load_h5(os.path.join(feats, f"{sid}.h5"))
-                order = {b: i for i, b in enumerate(f["barcode"])}
-                xl.append(f["features"][[order[b] for b in ad.obs_names]])
-                yl.append(np.log1p(ad[:, genes].X.astype(np.float64)))
-            xs[part], ys[part] = np.concatenate(xl), np.concatenate(yl)
-        ref, _ = _independent_hest(xs["train"], xs["test"], ys["train"], ys["test"], 0)
-        got = rows[rows["fold"] == f"split{k}"].set_index("gene").loc[genes, "pearson"].to_numpy()
-        np.testing.assert_allclose(got, ref, atol=1e-6)
-
-
 def load_h5(path):
     import h5py
 
     with h5py.File(path, "r") as f:
         return {"features": f["features"][()], "barcode": [b.decode() for b in f["barcode"][()]]}
+
+
+def test_hest_fold_caps_pcs_at_256_and_reduces_on_small_folds():
+    """(Equality with HEST's own code path: tests/eval/test_hest_transcription.py.)"""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(400, 260)).astype(np.float32)
+    y = np.log1p(rng.poisson(np.exp(0.5 + 0.3 * x[:, :5] @ rng.normal(size=(5, 8)) / 3)).astype(np.float64))
+    res = ge.hest_fold(x[:320], x[320:], y[:320], y[320:])
+    assert res["n_components"] == 256 and res["alpha"] == pytest.approx(100 / (256 * 8))
+    small = ge.hest_fold(x[:100, :40], x[320:, :40], y[:100], y[320:])
+    assert small["n_components"] == 40 and small["alpha"] == pytest.approx(100 / (40 * 8))
+    fast = ge.hest_fold(x[:320], x[320:], y[:320], y[320:], ridge="fast")
+    np.testing.assert_allclose(fast["pearson"], res["pearson"], atol=2e-3)
 
 
 # ---------------------------------------------------------------- protocol behaviour on planted signal

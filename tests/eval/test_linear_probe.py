@@ -91,3 +91,51 @@ def test_clear_errors(tmp_path):
     save_features_h5(f, x, target=y)
     with pytest.raises(KeyError, match="no 'label' dataset"):
         lp.main(["--features", f, "--out-dir", str(tmp_path / "o")])
+
+
+# ---------------------------------------------------------------- named protocols
+def test_patho_bench_protocol_is_one_balanced_c_fitted_on_train():
+    x, y, split = _blobs(n_per_class=30, sep=1.0)
+    res = lp.run_probe(x, y, split, protocol="patho-bench")
+    tr, te = split == "train", split == "test"
+    codes = np.unique(y, return_inverse=True)[1]
+    ref = LogisticRegression(C=0.5, max_iter=10000, random_state=0, class_weight="balanced").fit(
+        x[tr].astype(np.float64), codes[tr])
+    assert res["folds"][0]["C"] == 0.5 and res["folds"][0]["n_train"] == tr.sum()
+    np.testing.assert_allclose(res["test_proba"], ref.predict_proba(x[te].astype(np.float64)), atol=1e-12)
+
+
+def test_dinov2_protocol_sweeps_45_c_by_top1_and_refits_on_train_val():
+    x, y, split = _blobs(n_per_class=24, sep=0.8, seed=2)
+    res = lp.run_probe(x, y, split, protocol="dinov2")
+    grid = 10.0 ** np.linspace(-6, 5, 45)
+    np.testing.assert_allclose(res["c_grid"], grid)
+    codes = np.unique(y, return_inverse=True)[1]
+    tr, va, te = (split == s for s in ("train", "val", "test"))
+    acc = [np.mean(LogisticRegression(C=c, max_iter=1000, tol=1e-12).fit(x[tr].astype(np.float64), codes[tr])
+                   .predict(x[va].astype(np.float64)) == codes[va]) for c in grid]
+    best = grid[int(np.argmax(acc))]
+    assert res["folds"][0]["C"] == pytest.approx(best)
+    assert res["folds"][0]["n_train"] == tr.sum() + va.sum()  # refit on train + the tuning set
+    ref = LogisticRegression(C=best, max_iter=1000, tol=1e-12).fit(x[tr | va].astype(np.float64), codes[tr | va])
+    np.testing.assert_allclose(res["test_proba"], ref.predict_proba(x[te].astype(np.float64)), atol=1e-8)
+
+
+def test_dinov2_without_val_tunes_on_a_tenth_of_train():
+    x, y, split = _blobs(n_per_class=30)
+    split = np.where(split == "val", "train", split)
+    res = lp.run_probe(x, y, split, protocol="dinov2")
+    assert res["folds"][0]["n_train"] == (split == "train").sum()  # tuning tenth folded back in for the refit
+
+
+def test_protocol_is_stated_in_help_and_report(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        lp.main(["--help"])
+    assert "sweep (default" in " ".join(capsys.readouterr().out.split())
+    x, y, split = _blobs()
+    f = str(tmp_path / "f.h5")
+    save_features_h5(f, x, label=y, split=split)
+    lp.main(["--features", f, "--out-dir", str(tmp_path / "o"), "--protocol", "patho-bench"])
+    md = open(tmp_path / "o" / "linear_probe.md").read()
+    assert "Protocol 'patho-bench' (default 'sweep'; follows mahmoodlab/Patho-Bench" in md
+    assert json.load(open(tmp_path / "o" / "linear_probe.json"))["protocol"] == "patho-bench"

@@ -17,13 +17,17 @@ def test_demo_end_to_end(tmp_path):
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = (out / "report.md").read_text()
-    for needle in ("Gene expr. PCC, leave-one-study-out", "Linear probe balanced acc.", "Retrieval mAP@5",
-                   "Survival CoxNet c-index", "MSI ABMIL AUROC", "Frequency bias", "loss_curve.png"):
+    for needle in ("gene_expression: PCC loso", "gene_expression: PCC drop", "linear_probe: bal. acc",
+                   "retrieval: mAP@5", "survival: c-index", "mil: AUROC", "| pretrained |", "| random_init |",
+                   "Frequency bias", "loss_curve.png", "compare/compare.png"):
         assert needle in report, needle
     summary = json.loads((out / "demo_summary.json").read_text())
     assert set(summary["scores"]) == {"pretrained", "random_init"}
     for variant in summary["scores"].values():
-        assert len(variant) == 12 and all(math.isfinite(v) for v in variant.values()), variant
+        assert {"gene_expression: PCC loso", "linear_probe: bal. acc", "retrieval: top-1",
+                "retrieval_mean_tokens: top-1", "survival: c-index", "mil: AUROC"} <= set(variant), variant
+        assert len(variant) == 14 and all(math.isfinite(v) for v in variant.values()), variant
+    assert (out / "compare" / "compare.json").exists()
     assert (out / "teacher_checkpoint.pth").exists() and (out / "loss_curve.png").stat().st_size > 0
     # the copied checkpoint opens in one call, without naming the architecture
     import mambavision
