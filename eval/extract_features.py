@@ -20,7 +20,6 @@ import glob
 import hashlib
 import json
 import os
-import pickle
 from typing import Dict, Optional, Sequence
 
 import h5py
@@ -29,6 +28,8 @@ import pandas as pd
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from mambavision.pretrained import checkpoint_normalization
 
 from eval.common import HE_MEAN, HE_STD, LOG, add_common_args, ensure_dir, save_features_h5, set_seed, setup_logging, write_report
 
@@ -51,14 +52,7 @@ def build_model(model_name: str, checkpoint: Optional[str], random_init: bool, m
     if random_init:
         set_seed(seed)  # the random baseline is reproducible for a seed
         return mambavision.create_model(model_name, **model_kwargs).eval()
-    try:
-        return mambavision.load_pretrained(checkpoint, model_name, **model_kwargs).eval()
-    except pickle.UnpicklingError as err:
-        # torch's message advises weights_only=False, i.e. running the file's code: do not pass that on
-        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise ValueError(f"refused checkpoint {checkpoint}: it holds objects other than tensors and plain containers, "
-                         f"which are not loaded because unpickling them could run code ({first[:200]}). Re-save its "
-                         "state_dict with tensors only, from a source you trust.") from None
+    return mambavision.load_pretrained(checkpoint, model_name, **model_kwargs).eval()  # refuses pickles, named
 
 
 PROVENANCE_KEYS = ("model", "checkpoint_sha256", "random_init_seed", "model_kwargs", "embedding", "img_size", "mean",
@@ -71,6 +65,22 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def resolve_normalization(checkpoint, mean, std):
+    """The input normalisation: as given, else the one the checkpoint was trained with (the trainer records
+    it), else the paper's H&E statistics; logged, so a mismatch with pretraining is never silent."""
+    recorded = checkpoint_normalization(checkpoint) if checkpoint else None
+    source = "given" if mean is not None and std is not None else "checkpoint" if recorded else "H&E default"
+    if mean is None:
+        mean = recorded[0] if recorded else HE_MEAN
+    if std is None:
+        std = recorded[1] if recorded else HE_STD
+    if recorded and (tuple(mean), tuple(std)) != recorded:
+        LOG.warning("normalisation mean %s std %s differs from the one %s was trained with (mean %s std %s)",
+                    list(mean), list(std), checkpoint, list(recorded[0]), list(recorded[1]))
+    LOG.info("normalisation mean %s std %s (%s)", list(mean), list(std), source)
+    return tuple(mean), tuple(std)
 
 
 def provenance(model_name: str, checkpoint: Optional[str], random_init: bool, model_kwargs: Dict, embedding: str,
@@ -373,8 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist (default: skip them)")
     pre = p.add_argument_group("preprocessing and runtime")
     pre.add_argument("--img-size", type=int, default=224, help="resize to this square size (a multiple of the patch size)")
-    pre.add_argument("--mean", type=float, nargs=3, default=HE_MEAN, help="normalisation mean (paper's H&E stats)")
-    pre.add_argument("--std", type=float, nargs=3, default=HE_STD, help="normalisation std (paper's H&E stats)")
+    pre.add_argument("--mean", type=float, nargs=3, default=None,
+                     help="normalisation mean (default: what the checkpoint was trained with, else the paper's H&E stats)")
+    pre.add_argument("--std", type=float, nargs=3, default=None,
+                     help="normalisation std (default: what the checkpoint was trained with, else the paper's H&E stats)")
     pre.add_argument("--batch-size", type=int, default=64)
     pre.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for image files and WSIs")
     pre.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -400,6 +412,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     single_file = sources[0] in ("images", "csv")
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    args.mean, args.std = resolve_normalization(args.checkpoint, args.mean, args.std)
     prov = provenance(args.model, args.checkpoint, args.random_init, kwargs, args.embedding, args.img_size, args.mean,
                       args.std, args.dtype, args.seed)
     if single_file and os.path.isdir(args.output):

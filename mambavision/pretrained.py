@@ -1,5 +1,6 @@
 """Open a checkpoint in one call: ``model = mambavision.load_pretrained("teacher_checkpoint.pth")``."""
 import os
+import pickle
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 
 from .registry import create_model, get_entry
+from .transforms import HE_MEAN, HE_STD
 
 # Name components that wrappers insert (DDP, torch.compile, FSDP1, activation checkpointing); the one list
 # for loading checkpoints and for the trainer's parameter groups.
@@ -23,7 +25,14 @@ def _read(path: str) -> Mapping[str, Any]:
 
         return load_file(path)
     # weights_only: a checkpoint from the internet must not be able to run code.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message advises weights_only=False, i.e. running the file's code: do not pass that on.
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise ValueError(f"refused checkpoint {path}: it holds objects other than tensors and plain containers, "
+                         f"which are not loaded because unpickling them could run code ({first[:200]}). Re-save its "
+                         "state_dict with tensors only, from a source you trust.") from None
 
 
 def strip_wrappers(key: str) -> str:
@@ -37,7 +46,8 @@ def extract_backbone_state_dict(ckpt: Mapping[str, Any]) -> Tuple[Dict[str, torc
 
     Accepted: a plain backbone state_dict; a DINOv2 teacher checkpoint ``{"teacher": {"backbone.*"}}``
     (the paper's released files); a full training checkpoint ``{"model": {"teacher.backbone.*"}}``;
-    ``{"state_dict": ...}``. ``backbone_config`` is ``{"name", "kwargs"}`` when the trainer stored it.
+    ``{"state_dict": ...}``. ``backbone_config`` is ``{"name", "kwargs", "normalization"}`` when the trainer
+    stored it.
     """
     meta = dict(ckpt.get("backbone_config") or {}) if isinstance(ckpt.get("backbone_config"), Mapping) else {}
     sd: Any = ckpt
@@ -51,6 +61,15 @@ def extract_backbone_state_dict(ckpt: Mapping[str, Any]) -> Tuple[Dict[str, torc
         if sub:
             return sub, meta
     return sd, meta
+
+
+def checkpoint_normalization(path: str) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
+    """``(mean, std)`` that the trainer recorded in a checkpoint, or None when it records none."""
+    _, meta = extract_backbone_state_dict(_read(path))
+    norm = meta.get("normalization") or {}
+    if "mean" in norm and "std" in norm:
+        return tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
+    return None
 
 
 def infer_overrides(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, int]:
@@ -99,6 +118,8 @@ def load_pretrained(
     ``name`` and ``overrides`` are as in :func:`create_model`. When the checkpoint was written by
     this project's trainer they default to the stored ``backbone_config``; shape parameters that
     can be read off the weights (embed_dim, patch_size, depth) are inferred when not given.
+    ``model.pretrained_cfg`` holds the input normalisation (``mean``, ``std``) the weights were trained
+    with, when the checkpoint records it, else the paper's H&E statistics.
     """
     state_dict, meta = extract_backbone_state_dict(_read(path))
     name = name or meta.get("name")
@@ -120,6 +141,13 @@ def load_pretrained(
             raise ValueError(f"{path} holds a {saved!r} backbone, not {name!r}: the architectures differ "
                              f"(pass name={saved!r}, or leave name out). While building {name!r}: {err}") from None
         raise
+    # timm's convention: the preprocessing the weights expect travels with the model. The trainer records
+    # the normalisation it trained with; older and released checkpoints get the paper's H&E statistics.
+    norm = meta.get("normalization") or {}
+    model.pretrained_cfg = {
+        "mean": tuple(norm.get("mean", HE_MEAN)), "std": tuple(norm.get("std", HE_STD)),
+        "normalization_source": "checkpoint" if norm else "default (the paper's H&E statistics)",
+    }
     if device is not None:
         model.to(device)
     return model.eval()

@@ -34,10 +34,12 @@ def backbone_kwargs(cfg, for_student: bool) -> Dict:
 
 
 def backbone_config(cfg) -> Dict:
-    """What ``mambavision.load_pretrained`` needs to rebuild the teacher backbone."""
+    """What ``mambavision.load_pretrained`` needs to rebuild the teacher backbone, and the input
+    normalisation it was trained with (feature extraction defaults to it)."""
     kwargs = backbone_kwargs(cfg, for_student=False)
     kwargs.pop("drop_path_rate", None)
-    return {"name": cfg.student.arch, "kwargs": kwargs}
+    norm = {"mean": [float(v) for v in cfg.augmentations.mean], "std": [float(v) for v in cfg.augmentations.std]}
+    return {"name": cfg.student.arch, "kwargs": kwargs, "normalization": norm}
 
 
 class SSLMetaArch(nn.Module):

@@ -43,27 +43,35 @@ def _dft_constants(L: int, num_blocks: int, block_size: int, device, dtype):
     key = (L, num_blocks, block_size, str(device), dtype)
     hit = _DFT_CACHE.get(key)
     if hit is None:
-        k = torch.arange(L, dtype=torch.float64)
-        ang = 2 * math.pi * torch.remainder(torch.outer(k, k), L) / L  # remainder keeps kl*2pi/L accurate
-        fc, fs = torch.cos(ang) / math.sqrt(L), torch.sin(ang) / math.sqrt(L)
-        j = torch.arange(num_blocks, dtype=torch.float64)
-        th = 2 * math.pi * torch.outer(j, j) / num_blocks  # theta[j, b]
-        bc, bs = torch.cos(th) / math.sqrt(num_blocks), torch.sin(th) / math.sqrt(num_blocks)
-        # Inverse block DFT, real part of the output: out[(b,d)] = sum_j bc[j,b] Vr[(j,d)] - bs[j,b] Vi[(j,d)].
-        eye = torch.eye(block_size, dtype=torch.float64)
-        g_r, g_i = torch.kron(bc, eye), -torch.kron(bs, eye)
-        # Stored with a row stride padded to 8 elements: an odd leading dimension (257) sends cuBLAS to
-        # slow unaligned kernels. The views keep the exact (L, L) shape.
-        lp = -(-L // 8) * 8
+        hit = _DFT_CACHE[key] = _build_dft_constants(L, num_blocks, block_size, device, dtype)
+    return hit
 
-        def aligned(t):
-            buf = torch.zeros(t.shape[0], lp, dtype=dtype, device=device)
-            buf[:, : t.shape[1]] = t.to(device=device, dtype=dtype)
-            return buf[:, : t.shape[1]]
 
-        hit = (aligned(fc), aligned(fs), g_r.to(device=device, dtype=dtype), g_i.to(device=device, dtype=dtype))
-        hit += (bc.to(device=device), bs.to(device=device))  # float64: cast to the weights' dtype at use
-        _DFT_CACHE[key] = hit
+# Cached across calls, so never inference tensors: a model evaluated under torch.inference_mode() and then
+# trained in the same process would otherwise fail to save them for backward.
+@torch.inference_mode(False)
+@torch.no_grad()
+def _build_dft_constants(L, num_blocks, block_size, device, dtype):
+    k = torch.arange(L, dtype=torch.float64)
+    ang = 2 * math.pi * torch.remainder(torch.outer(k, k), L) / L  # remainder keeps kl*2pi/L accurate
+    fc, fs = torch.cos(ang) / math.sqrt(L), torch.sin(ang) / math.sqrt(L)
+    j = torch.arange(num_blocks, dtype=torch.float64)
+    th = 2 * math.pi * torch.outer(j, j) / num_blocks  # theta[j, b]
+    bc, bs = torch.cos(th) / math.sqrt(num_blocks), torch.sin(th) / math.sqrt(num_blocks)
+    # Inverse block DFT, real part of the output: out[(b,d)] = sum_j bc[j,b] Vr[(j,d)] - bs[j,b] Vi[(j,d)].
+    eye = torch.eye(block_size, dtype=torch.float64)
+    g_r, g_i = torch.kron(bc, eye), -torch.kron(bs, eye)
+    # Stored with a row stride padded to 8 elements: an odd leading dimension (257) sends cuBLAS to
+    # slow unaligned kernels. The views keep the exact (L, L) shape.
+    lp = -(-L // 8) * 8
+
+    def aligned(t):
+        buf = torch.zeros(t.shape[0], lp, dtype=dtype, device=device)
+        buf[:, : t.shape[1]] = t.to(device=device, dtype=dtype)
+        return buf[:, : t.shape[1]]
+
+    hit = (aligned(fc), aligned(fs), g_r.to(device=device, dtype=dtype), g_i.to(device=device, dtype=dtype))
+    hit += (bc.to(device=device), bs.to(device=device))  # float64: cast to the weights' dtype at use
     return hit
 
 

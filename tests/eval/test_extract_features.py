@@ -297,3 +297,28 @@ def test_wsi_bad_slide_is_skipped_and_counted(tmp_path, monkeypatch):
     assert (s["n_done"], s["n_failed"]) == (2, 1) and "s1.svs" in s["failed"][0] and "ZIPDecode" in s["failed"][0]
     assert sorted(os.listdir(out)) == ["s0.h5", "s2.h5"]
     assert "ZIPDecode" in open(tmp_path / "rep" / "extract_features.md").read()
+
+
+def test_extraction_defaults_to_the_normalisation_the_checkpoint_was_trained_with(tmp_path):
+    """One source for the normalisation: the trainer records it in the teacher checkpoint, load_pretrained
+    exposes it as pretrained_cfg, extraction uses it; checkpoints without a record get the H&E stats."""
+    import torch
+
+    import mambavision
+    from dino.train import train as train_mod
+    from eval.extract_features import resolve_normalization
+
+    out = tmp_path / "run"
+    train_mod.main(["--config-file", "configs/demo/tiny.yaml", "--output-dir", str(out),
+                    "augmentations.mean=[0.1,0.2,0.3]", "augmentations.std=[0.4,0.5,0.6]"])
+    ckpt = str(out / "eval" / "training_3" / "teacher_checkpoint.pth")
+    model = mambavision.load_pretrained(ckpt)
+    assert model.pretrained_cfg["mean"] == (0.1, 0.2, 0.3) and model.pretrained_cfg["normalization_source"] == "checkpoint"
+    assert resolve_normalization(ckpt, None, None) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert resolve_normalization(ckpt, [0.5] * 3, [0.5] * 3) == ((0.5,) * 3, (0.5,) * 3)  # given wins (warned)
+
+    bare = tmp_path / "released.pth"  # the paper's release: weights only
+    torch.save({"teacher": torch.load(ckpt, weights_only=True)["teacher"]}, bare)
+    assert resolve_normalization(str(bare), None, None) == (mambavision.HE_MEAN, mambavision.HE_STD)
+    assert mambavision.load_pretrained(str(bare), "mv_hybrid", embed_dim=32, depth=2, num_heads=2,
+                                       patch_size=8, img_size=32).pretrained_cfg["mean"] == mambavision.HE_MEAN

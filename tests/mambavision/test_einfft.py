@@ -97,3 +97,15 @@ def test_cuda_dft_matches_cufft_fp32_and_bf16():
             assert errs[0] < 3e-2 and max(errs[1:]) < 0.15
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def test_cached_dft_matrices_survive_inference_mode_then_training():
+    from mambavision.layers import einfft
+
+    einfft._DFT_CACHE.clear()
+    m = _pair(32, 4, torch.float32)
+    with torch.inference_mode():  # e.g. feature extraction in a notebook first: builds the cache
+        m(torch.randn(2, 7, 32))
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    m(x).sum().backward()  # would raise "Inference tensors cannot be saved for backward"
+    assert x.grad is not None and torch.isfinite(x.grad).all()
