@@ -39,6 +39,7 @@ from dino.utils.checkpoint import (
     load_model_weights,
     resume_path,
     restore_rng_state,
+    saved_rng_state,
     save_checkpoint,
     save_teacher_checkpoint,
 )
@@ -233,9 +234,7 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
         extra["unreadable_samples"] = int(ckpt.get("unreadable_samples", 0))
         if distributed.is_main_process():
             forget_checkpoints_after(out_dir, ckpt["iteration"])
-        rank = distributed.get_global_rank()
-        rngs = ckpt.get("rng") or []
-        rng_state = rngs[rank] if rank < len(rngs) and ckpt.get("world_size") == distributed.get_global_size() else None
+        rng_state = saved_rng_state(ckpt)
         logger.info("resuming from %s at iteration %d", found, start_iter)
     elif cfg.MODEL.WEIGHTS:
         _load_initial_weights(model, cfg.MODEL.WEIGHTS)

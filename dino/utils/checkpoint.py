@@ -343,8 +343,8 @@ def load_checkpoint(path: str, model: nn.Module, optimizer=None, scaler=None, re
     """Restore ``model``/``optimizer``/``scaler``/RNG from ``path``; returns the checkpoint dict.
 
     ``check(ckpt)`` runs after reading and before anything is loaded (e.g. architecture checks).
-    Every rank reads the file (shared filesystem). RNG states are restored for ranks that existed
-    in the saved run; other ranks keep their fresh seeds (exactness needs the same world size).
+    Every rank reads the file (shared filesystem). RNG states are restored as :func:`saved_rng_state`
+    says (the same world size only).
     """
     ckpt = load_file(path)
     for key in ("model", "iteration"):
@@ -362,16 +362,27 @@ def load_checkpoint(path: str, model: nn.Module, optimizer=None, scaler=None, re
             set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=_full_options())
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    rank = distributed.get_global_rank()
     saved_ws = ckpt.get("world_size", 1)
     if saved_ws != distributed.get_global_size():
         logger.warning(
             "resuming a run saved on %d process(es) on %d: weights and optimizer are exact, the data order and "
             "RNG streams continue but differ from an uninterrupted run", saved_ws, distributed.get_global_size(),
         )
-    if restore_rng and ckpt.get("rng") and rank < len(ckpt["rng"]):
-        restore_rng_state(ckpt["rng"][rank])
+    state = saved_rng_state(ckpt)
+    if restore_rng and state is not None:
+        restore_rng_state(state)
     return ckpt
+
+
+def saved_rng_state(ckpt: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """This rank's saved RNG state, when the checkpoint was written by the same number of processes (the
+    one rule: with another world size the streams cannot continue exactly, so every rank keeps its fresh
+    seed rather than a mix of restored and fresh streams); else None."""
+    rngs = ckpt.get("rng") or []
+    rank = distributed.get_global_rank()
+    if ckpt.get("world_size", 1) == distributed.get_global_size() and rank < len(rngs):
+        return rngs[rank]
+    return None
 
 
 def save_teacher_checkpoint(path: str, model: nn.Module, backbone_config: Optional[Dict[str, Any]] = None) -> None:
