@@ -49,6 +49,17 @@ def add_common_args(parser: argparse.ArgumentParser, default_out: str = "eval_ou
     return parser
 
 
+def parse_model_kwargs(text: str) -> Dict[str, Any]:
+    """The ``--model-kwargs`` JSON object (create_model / load_pretrained overrides) of every eval script."""
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--model-kwargs is not valid JSON: {err}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--model-kwargs must be a JSON object such as '{{\"depth\": 2}}', got {text!r}")
+    return kwargs
+
+
 def _tmp_path_for(path: str) -> str:
     return atomic_temp_path(os.path.abspath(path))
 

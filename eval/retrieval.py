@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .common import LOG, Warnings, add_common_args, check_features, ensure_dir, load_features_h5, save_figure, set_seed, setup_logging, write_report
+from eval.common import LOG, Warnings, add_common_args, check_features, ensure_dir, load_features_h5, save_figure, set_seed, setup_logging, write_report
 
 try:  # optional CPU/GPU nearest-neighbour library
     import faiss  # type: ignore
