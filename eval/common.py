@@ -49,6 +49,15 @@ def add_common_args(parser: argparse.ArgumentParser, default_out: str = "eval_ou
     return parser
 
 
+def parse_cli(parser: argparse.ArgumentParser, argv: Optional[Iterable[str]] = None) -> argparse.Namespace:
+    """The start of every eval script's ``main``: parse ``argv``, set up logging, seed (when ``--seed`` is given)."""
+    args = parser.parse_args(argv)
+    setup_logging()
+    if getattr(args, "seed", None) is not None:
+        set_seed(args.seed)
+    return args
+
+
 def parse_model_kwargs(text: str) -> Dict[str, Any]:
     """The ``--model-kwargs`` JSON object (create_model / load_pretrained overrides) of every eval script."""
     try:

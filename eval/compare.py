@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from eval.common import LOG, atomic_write_text, ensure_dir, markdown_table, parse_model_kwargs, pyplot, save_figure, setup_logging
+from eval.common import LOG, atomic_write_text, ensure_dir, markdown_table, parse_cli, parse_model_kwargs, pyplot, save_figure
 
 FEATURE_SOURCES = ("csv", "images", "hest_patches", "wsi")
 SINGLE_FILE_SOURCES = ("csv", "images")
@@ -312,8 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    args = build_parser().parse_args(argv)
-    setup_logging()
+    args = parse_cli(build_parser(), argv)
     cfg = load_tasks_file(args.tasks)
     for kv in args.extract:
         if "=" not in kv:

@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dino.data.datasets.folder import IMG_EXTENSIONS
-from eval.common import HE_MEAN, HE_STD, LOG, add_common_args, ensure_dir, parse_model_kwargs, save_features_h5, set_seed, setup_logging, write_report
+from eval.common import HE_MEAN, HE_STD, LOG, add_common_args, ensure_dir, parse_cli, parse_model_kwargs, save_features_h5, set_seed, write_report
 
 EMBEDDINGS = ("default", "cls", "mean", "cls+mean")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -386,8 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     """Extract features as configured on the command line; returns the summary also written to JSON."""
-    args = build_parser().parse_args(argv)
-    setup_logging()
+    args = parse_cli(build_parser(), argv)
     sources = [s for s in ("images", "csv", "hest_patches", "wsi") if getattr(args, s)]
     if len(sources) != 1:
         raise ValueError("give exactly one input: --images, --csv, --hest-patches or --wsi (with --coords)")

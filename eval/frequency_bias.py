@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dino.data.datasets.folder import IMG_EXTENSIONS
-from eval.common import HE_MEAN, HE_STD, LOG, add_common_args, parse_model_kwargs, save_figure, set_seed, setup_logging, write_report
+from eval.common import HE_MEAN, HE_STD, LOG, add_common_args, parse_cli, parse_model_kwargs, save_figure, write_report
 
 # How often a mixer class adds its dt bias before the softplus (MambaVision: dt_proj(x) + delta_bias).
 
@@ -345,9 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> Dict:
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    set_seed(args.seed)
+    args = parse_cli(build_parser(), argv)
     if not 0 < args.cutoff < 1:
         raise SystemExit(f"--cutoff must be in (0, 1), got {args.cutoff}")
     kw = dict(L=args.seq_len, method=args.method, cutoff=args.cutoff)

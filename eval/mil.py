@@ -17,7 +17,7 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score, roc_curve
 
 from eval.abmil import ABMILConfig, predict_abmil, train_abmil
-from eval.common import LOG, add_common_args, ensure_dir, save_features_h5, save_figure, set_seed, setup_logging, write_report
+from eval.common import LOG, add_common_args, ensure_dir, parse_cli, save_features_h5, save_figure, set_seed, write_report
 from eval.slide_cv import BagStore, cindex, grouped_folds, match_slides, mean_std, read_slide_csv, validate_survival
 
 
@@ -119,9 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> Dict:
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    set_seed(args.seed)
+    args = parse_cli(build_parser(), argv)
     cfg = ABMILConfig(hidden=args.hidden, dropout=args.dropout, lr=args.lr, weight_decay=args.weight_decay,
                       epochs=args.epochs, bag_size=args.bag_size, balanced=not args.no_balance, cox_batch=args.cox_batch)
     if args.task == "classification":

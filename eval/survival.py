@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from eval.abmil import ABMILConfig, predict_abmil, train_abmil
-from eval.common import LOG, add_common_args, ensure_dir, save_figure, set_seed, setup_logging, write_report
+from eval.common import LOG, add_common_args, ensure_dir, parse_cli, save_figure, write_report
 from eval.slide_cv import BagStore, cindex, grouped_folds, match_slides, mean_std, read_slide_csv, validate_survival
 
 DEFAULT_ALPHAS = (0.01, 0.02, 0.07)
@@ -211,9 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> Dict:
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    set_seed(args.seed)
+    args = parse_cli(build_parser(), argv)
     df = read_slide_csv(args.clinical, [args.time_key, args.event_key])
     df = validate_survival(match_slides(df, args.features_dir, args.allow_partial), args.time_key, args.event_key, args.clinical)
     store = BagStore(df["path"])
