@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 import h5py
 import numpy as np
 
-from dino.utils.atomic import atomic_temp_path
+from dino.atomic import atomic_write
 from mambavision import HE_MEAN, HE_STD  # noqa: F401  (re-exported for the eval scripts)
 
 LOG = logging.getLogger("eval")
@@ -49,34 +49,41 @@ def add_common_args(parser: argparse.ArgumentParser, default_out: str = "eval_ou
     return parser
 
 
-def _tmp_path_for(path: str) -> str:
-    return atomic_temp_path(os.path.abspath(path))
+def parse_cli(parser: argparse.ArgumentParser, argv: Optional[Iterable[str]] = None) -> argparse.Namespace:
+    """The start of every eval script's ``main``: parse ``argv``, set up logging, seed (when ``--seed`` is given)."""
+    args = parser.parse_args(argv)
+    setup_logging()
+    if getattr(args, "seed", None) is not None:
+        set_seed(args.seed)
+    return args
+
+
+def parse_model_kwargs(text: str) -> Dict[str, Any]:
+    """The ``--model-kwargs`` JSON object (create_model / load_pretrained overrides) of every eval script."""
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--model-kwargs is not valid JSON: {err}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--model-kwargs must be a JSON object such as '{{\"depth\": 2}}', got {text!r}")
+    return kwargs
 
 
 def atomic_write_text(path: str, text: str) -> None:
     """Write text to ``path`` through a temporary file and ``os.replace`` (no half-written files)."""
-    tmp = _tmp_path_for(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def save_figure(fig, path: str, dpi: int = 120) -> str:
     """Save a matplotlib figure atomically and close it."""
     import matplotlib.pyplot as plt
 
-    tmp = _tmp_path_for(path)
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=os.path.splitext(path)[1][1:] or "png")
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=os.path.splitext(path)[1][1:] or "png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
@@ -97,27 +104,21 @@ def save_features_h5(path: str, features: np.ndarray, /, attrs: Optional[Mapping
     features = np.asarray(features, dtype=np.float32)
     if features.ndim != 2:
         raise ValueError(f"features must be 2-D (N, D), got shape {features.shape}")
-    tmp = _tmp_path_for(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = "mvhybrid"
-            for key, value in (attrs or {}).items():
-                f.attrs[key] = value
-            f.create_dataset("features", data=features)
-            for name, values in datasets.items():
-                if values is None:
-                    continue
-                arr = _encode(values)
-                if len(arr) != len(features):
-                    raise ValueError(f"dataset '{name}' has {len(arr)} rows but features has {len(features)}")
-                if arr.dtype == object:
-                    f.create_dataset(name, data=arr, dtype=h5py.string_dtype("utf-8"))
-                else:
-                    f.create_dataset(name, data=arr)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = "mvhybrid"
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
+        f.create_dataset("features", data=features)
+        for name, values in datasets.items():
+            if values is None:
+                continue
+            arr = _encode(values)
+            if len(arr) != len(features):
+                raise ValueError(f"dataset '{name}' has {len(arr)} rows but features has {len(features)}")
+            if arr.dtype == object:
+                f.create_dataset(name, data=arr, dtype=h5py.string_dtype("utf-8"))
+            else:
+                f.create_dataset(name, data=arr)
     return path
 
 

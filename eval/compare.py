@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from eval.common import LOG, atomic_write_text, ensure_dir, markdown_table, pyplot, save_figure, setup_logging
+from eval.common import LOG, atomic_write_text, ensure_dir, markdown_table, parse_cli, parse_model_kwargs, pyplot, save_figure
 
 FEATURE_SOURCES = ("csv", "images", "hest_patches", "wsi")
 SINGLE_FILE_SOURCES = ("csv", "images")
@@ -312,8 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    args = build_parser().parse_args(argv)
-    setup_logging()
+    args = parse_cli(build_parser(), argv)
     cfg = load_tasks_file(args.tasks)
     for kv in args.extract:
         if "=" not in kv:
@@ -322,10 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         cfg["extract"][k] = v
     kwargs = cfg["extract"].get("model_kwargs", {}) or {}
     if args.model_kwargs:
-        try:
-            kwargs = json.loads(args.model_kwargs)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--model-kwargs is not valid JSON: {err}") from None
+        kwargs = parse_model_kwargs(args.model_kwargs)
     models = cfg["models"] + [parse_model(s, False, kwargs) for s in args.model] + \
         [parse_model(s, True, kwargs) for s in args.random_init]
     if not models:
@@ -360,7 +356,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                 LOG.error("%s / %s failed: %s: %s", model.name, t, type(err).__name__, err)
                 results[model.name][t] = {"error": f"{type(err).__name__}: {err}"}
                 failures.append(f"{model.name}/{t}")
-    notes = [f"Models: " + "; ".join(f"{m.name} = {m.arch} " + (f"from {os.path.basename(m.checkpoint)}" if m.checkpoint
+    notes = ["Models: " + "; ".join(f"{m.name} = {m.arch} " + (f"from {os.path.basename(m.checkpoint)}" if m.checkpoint
                                                                  else "at random init") for m in models),
              "Each cell is the task script's own report (`eval/<model>/<task>/*.md`); ± is the spread that "
              "script reports (gene expression: std over folds; survival c-index and MIL AUROC: SE over folds).",

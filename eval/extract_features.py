@@ -29,11 +29,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from dino.data.datasets.folder import IMG_EXTENSIONS
+from eval.common import HE_MEAN, HE_STD, LOG, add_common_args, ensure_dir, parse_cli, parse_model_kwargs, save_features_h5, set_seed, write_report
 from mambavision.pretrained import checkpoint_normalization
 
-from eval.common import HE_MEAN, HE_STD, LOG, add_common_args, ensure_dir, save_features_h5, set_seed, setup_logging, write_report
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 EMBEDDINGS = ("default", "cls", "mean", "cls+mean")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -204,9 +203,9 @@ def list_image_folder(root: str) -> pd.DataFrame:
     """Every image under ``root`` (sorted): columns path (relative to root) and label (parent folder name)."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder not found: {root}")
-    files = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True) if p.lower().endswith(IMAGE_EXTS))
+    files = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True) if p.lower().endswith(IMG_EXTENSIONS))
     if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTS)}) under {root}")
+        raise FileNotFoundError(f"no image files ({', '.join(IMG_EXTENSIONS)}) under {root}")
     rel = [os.path.relpath(p, root) for p in files]
     return pd.DataFrame({"path": rel, "label": [os.path.basename(os.path.dirname(r)) for r in rel]})
 
@@ -398,17 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     """Extract features as configured on the command line; returns the summary also written to JSON."""
-    args = build_parser().parse_args(argv)
-    setup_logging()
+    args = parse_cli(build_parser(), argv)
     sources = [s for s in ("images", "csv", "hest_patches", "wsi") if getattr(args, s)]
     if len(sources) != 1:
         raise ValueError("give exactly one input: --images, --csv, --hest-patches or --wsi (with --coords)")
     if args.wsi and not args.coords:
         raise ValueError("--wsi needs --coords (a folder of CLAM coords/*.h5)")
-    try:
-        kwargs = json.loads(args.model_kwargs)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--model-kwargs is not valid JSON: {err}") from None
+    kwargs = parse_model_kwargs(args.model_kwargs)
     single_file = sources[0] in ("images", "csv")
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")

@@ -38,8 +38,7 @@ from scipy import linalg as sla
 from scipy import sparse
 
 from eval.common import (
-    LOG, Warnings, add_common_args, atomic_write_text, check_features, ensure_dir, load_features_h5, pyplot, save_figure, set_seed,
-    setup_logging, write_report,
+    LOG, Warnings, add_common_args, atomic_write_text, check_features, ensure_dir, load_features_h5, parse_cli, pyplot, save_figure, write_report,
 )
 
 MAX_PCS = 256  # HEST-Benchmark's latent_dim
@@ -709,9 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the evaluation from the command line; returns the results dict also written to JSON."""
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    set_seed(args.seed)
+    args = parse_cli(build_parser(), argv)
     modes = [m.strip() for m in args.compare.split(",")] if args.compare else [args.split]
     for m in modes:
         if m not in SPLIT_MODES:

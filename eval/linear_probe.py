@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from eval.common import LOG, Warnings, add_common_args, atomic_write_text, check_features, ensure_dir, load_features_h5, \
-    pyplot, save_figure, set_seed, setup_logging, write_report
+    parse_cli, pyplot, save_figure, write_report
 
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-4, 4, 9))
 SELECT_METRICS = ("balanced_accuracy", "macro_f1", "accuracy")
@@ -303,9 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     """Run the probe from the command line; returns the results dict also written to JSON."""
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    set_seed(args.seed)
+    args = parse_cli(build_parser(), argv)
     data = load_features_h5(args.features)
     if args.label_key not in data:
         raise KeyError(f"{args.features} has no '{args.label_key}' dataset (found: {sorted(data)})")

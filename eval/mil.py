@@ -10,118 +10,15 @@ Harrell's c-index) per fold and mean ± std, and a ROC plot.
 """
 import argparse
 import os
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
-import h5py
 import numpy as np
-import pandas as pd
 import torch
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score, roc_curve
-from sklearn.model_selection import StratifiedGroupKFold
 
-from .abmil import ABMILConfig, predict_abmil, train_abmil
-from .common import LOG, add_common_args, ensure_dir, feature_key, save_features_h5, save_figure, set_seed, setup_logging, write_report
-
-
-# --------------------------------------------------------------------------- slide tables
-def read_slide_csv(path: str, required: Sequence[str]) -> pd.DataFrame:
-    """Read a clinical/label CSV, check the ``required`` columns and unique ``slide_id``s."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"CSV not found: {path}")
-    df = pd.read_csv(path, dtype={"slide_id": str, "patient_id": str})
-    missing = [c for c in ["slide_id", *required] if c not in df.columns]
-    if missing:
-        raise KeyError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
-    dup = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
-    if dup:
-        raise ValueError(f"{path}: duplicated slide_id(s) {dup[:10]}")
-    if "patient_id" not in df.columns or df["patient_id"].isna().any():
-        if "patient_id" in df.columns:
-            LOG.warning("%s: %d rows without patient_id use their slide_id as patient", path, int(df["patient_id"].isna().sum()))
-            df["patient_id"] = df["patient_id"].fillna(df["slide_id"])
-        else:
-            df["patient_id"] = df["slide_id"]
-    return df.reset_index(drop=True)
-
-
-def match_slides(df: pd.DataFrame, features_dir: str, allow_partial: bool = False) -> pd.DataFrame:
-    """Keep the rows of ``df`` that have ``{features_dir}/{slide_id}.h5``; adds a ``path`` column.
-
-    Slides without a feature file, and feature files without a CSV row, are an error that names
-    them, unless ``allow_partial`` (then they are logged, counted and dropped).
-    """
-    if not os.path.isdir(features_dir):
-        raise FileNotFoundError(f"features directory not found: {features_dir}")
-    on_disk = {f[:-3] for f in os.listdir(features_dir) if f.endswith(".h5")}
-    wanted = set(df["slide_id"])
-    no_feats = sorted(wanted - on_disk)
-    no_rows = sorted(on_disk - wanted)
-    if (no_feats or no_rows) and not allow_partial:
-        raise ValueError(
-            f"slides and feature files do not match: {len(no_feats)} slide(s) without features "
-            f"{no_feats[:10]}, {len(no_rows)} feature file(s) without a CSV row {no_rows[:10]} "
-            "(pass --allow-partial to drop them)"
-        )
-    if no_feats or no_rows:
-        LOG.warning("dropping %d slide(s) without features and ignoring %d unlisted feature file(s)", len(no_feats), len(no_rows))
-    out = df[df["slide_id"].isin(on_disk)].reset_index(drop=True).copy()
-    if out.empty:
-        raise ValueError(f"no slide of the CSV has a feature file in {features_dir}")
-    out["path"] = [os.path.join(features_dir, f"{s}.h5") for s in out["slide_id"]]
-    return out
-
-
-class BagStore:
-    """Reads slide features lazily, keeping bags in memory up to ``cache_gb`` (then reading from disk)."""
-
-    def __init__(self, paths: Sequence[str], cache_gb: float = 8.0):
-        self.paths = list(paths)
-        self.cache: Dict[int, torch.Tensor] = {}
-        self.budget = int(cache_gb * 2**30)
-        self.dims = []
-        for p in self.paths:
-            try:
-                with h5py.File(p, "r") as f:
-                    shape = f[feature_key(f, p)].shape
-            except OSError as e:
-                raise OSError(f"cannot read slide feature file {p}: {e}") from e
-            if len(shape) != 2 or shape[0] == 0:
-                raise ValueError(f"{p}: 'features' must be a non-empty (N, D) array, got shape {shape}")
-            self.dims.append(shape[1])
-        if len(set(self.dims)) > 1:
-            raise ValueError(f"slides have different feature dims {sorted(set(self.dims))}")
-        self.dim = self.dims[0] if self.dims else 0
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __call__(self, i: int) -> torch.Tensor:
-        if i in self.cache:
-            return self.cache[i]
-        with h5py.File(self.paths[i], "r") as f:
-            bag = torch.from_numpy(np.asarray(f[feature_key(f, self.paths[i])][()], dtype=np.float32))
-        if not torch.isfinite(bag).all():
-            raise ValueError(f"{self.paths[i]}: features contain NaN or inf")
-        if bag.numel() * 4 <= self.budget:
-            self.cache[i] = bag
-            self.budget -= bag.numel() * 4
-        return bag
-
-    def coords(self, i: int) -> Optional[np.ndarray]:
-        with h5py.File(self.paths[i], "r") as f:
-            return f["coords"][()] if "coords" in f else None
-
-
-def grouped_folds(strata: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> List[tuple]:
-    """StratifiedGroupKFold splits; ``n_splits`` is lowered (with a warning) to the number of groups."""
-    n_groups = len(np.unique(groups))
-    if n_groups < 2:
-        raise ValueError(f"cross-validation needs at least 2 patients, got {n_groups}")
-    if n_groups < n_splits:
-        LOG.warning("only %d patients: using %d folds instead of %d", n_groups, n_groups, n_splits)
-        n_splits = n_groups
-    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    return list(cv.split(np.zeros(len(strata)), strata, groups))
+from eval.abmil import ABMILConfig, predict_abmil, train_abmil
+from eval.common import LOG, add_common_args, ensure_dir, parse_cli, save_features_h5, save_figure, set_seed, write_report
+from eval.slide_cv import BagStore, cindex, grouped_folds, match_slides, mean_std, read_slide_csv, validate_survival
 
 
 # --------------------------------------------------------------------------- metrics
@@ -134,30 +31,6 @@ def auroc(y: np.ndarray, prob: np.ndarray, n_classes: int) -> float:
     if len(np.unique(y)) < n_classes:
         return float("nan")
     return float(roc_auc_score(y, prob, multi_class="ovr", average="macro"))
-
-
-def cindex(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
-    """Harrell's c-index (sksurv ``concordance_index_censored``); NaN when no pair is comparable."""
-    from sksurv.metrics import concordance_index_censored
-
-    try:
-        return float(concordance_index_censored(event.astype(bool), time.astype(float), risk.astype(float))[0])
-    except ValueError:  # no events / no comparable pairs
-        return float("nan")
-
-
-def mean_std(values: Sequence[float]) -> Dict[str, float]:
-    """Mean, population std and standard error over folds (non-finite folds left out of mean and std).
-
-    ``se`` is Patho-Bench's (patho_bench/experiments/BaseExperiment.py::get_mean_se): ``np.std`` over
-    the folds divided by the square root of the number of folds.
-    """
-    n = len(values)
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if not v.size:
-        return {"mean": float("nan"), "std": float("nan"), "se": float("nan")}
-    return {"mean": float(v.mean()), "std": float(v.std()), "se": float(v.std() / np.sqrt(n))}
 
 
 # --------------------------------------------------------------------------- CV driver
@@ -225,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features-dir", required=True, help="directory of {slide_id}.h5 files with 'features' (N,D)")
     p.add_argument("--csv", required=True, help="CSV with slide_id, label (or time/event), optional patient_id")
     p.add_argument("--task", choices=["classification", "survival"], default="classification")
-    p.add_argument("--label-col", default="label")
-    p.add_argument("--time-col", default="time")
-    p.add_argument("--event-col", default="event")
+    p.add_argument("--label-key", default="label", help="CSV column with the slide label (classification)")
+    p.add_argument("--time-key", default="time", help="CSV column with the follow-up time (survival)")
+    p.add_argument("--event-key", default="event", help="CSV column with the event flag (survival)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=ABMILConfig.epochs)
     p.add_argument("--hidden", type=int, default=ABMILConfig.hidden)
@@ -246,32 +119,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> Dict:
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    set_seed(args.seed)
+    args = parse_cli(build_parser(), argv)
     cfg = ABMILConfig(hidden=args.hidden, dropout=args.dropout, lr=args.lr, weight_decay=args.weight_decay,
                       epochs=args.epochs, bag_size=args.bag_size, balanced=not args.no_balance, cox_batch=args.cox_batch)
     if args.task == "classification":
-        df = read_slide_csv(args.csv, [args.label_col])
-        if df[args.label_col].isna().any():
-            raise ValueError(f"{args.csv}: missing labels for slides {df['slide_id'][df[args.label_col].isna()].tolist()[:10]}")
+        df = read_slide_csv(args.csv, [args.label_key])
+        if df[args.label_key].isna().any():
+            raise ValueError(f"{args.csv}: missing labels for slides {df['slide_id'][df[args.label_key].isna()].tolist()[:10]}")
     else:
-        from .survival import validate_survival
-
-        df = validate_survival(read_slide_csv(args.csv, [args.time_col, args.event_col]), args.time_col, args.event_col, args.csv)
+        df = validate_survival(read_slide_csv(args.csv, [args.time_key, args.event_key]), args.time_key, args.event_key, args.csv)
     df = match_slides(df, args.features_dir, args.allow_partial)
     store = BagStore(df["path"], cache_gb=args.cache_gb)
     groups = df["patient_id"].to_numpy()
     kw = dict(groups=groups, n_folds=args.folds, cfg=cfg, seed=args.seed, device=torch.device(args.device))
     class_names: List[str] = []
     if args.task == "classification":
-        class_names, labels = np.unique(df[args.label_col].astype(str).to_numpy(), return_inverse=True)
+        class_names, labels = np.unique(df[args.label_key].astype(str).to_numpy(), return_inverse=True)
         if len(class_names) < 2:
-            raise ValueError(f"need at least 2 classes in column {args.label_col!r}, found {list(class_names)}")
+            raise ValueError(f"need at least 2 classes in column {args.label_key!r}, found {list(class_names)}")
         res = run_mil_cv(store, len(store), "classification", labels=labels, n_classes=len(class_names), **kw)
     else:
         labels = None
-        res = run_mil_cv(store, len(store), "survival", times=df[args.time_col].to_numpy(float), events=df[args.event_col].to_numpy(int), **kw)
+        res = run_mil_cv(store, len(store), "survival", times=df[args.time_key].to_numpy(float), events=df[args.event_key].to_numpy(int), **kw)
 
     ensure_dir(args.out_dir)
     plots = []

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .common import LOG, Warnings, add_common_args, check_features, ensure_dir, load_features_h5, save_figure, set_seed, setup_logging, write_report
+from eval.common import LOG, Warnings, add_common_args, check_features, ensure_dir, load_features_h5, parse_cli, save_figure, write_report
 
 try:  # optional CPU/GPU nearest-neighbour library
     import faiss  # type: ignore
@@ -301,9 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> Dict:
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    set_seed(args.seed)
+    args = parse_cli(build_parser(), argv)
     if bool(args.query) != bool(args.database) or bool(args.features) == bool(args.query):
         raise SystemExit("give either --features FILE, or both --query FILE and --database FILE")
     warns = Warnings()

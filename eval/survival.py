@@ -23,35 +23,13 @@ import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
-from .abmil import ABMILConfig, predict_abmil, train_abmil
-from .common import LOG, add_common_args, ensure_dir, save_figure, set_seed, setup_logging, write_report
-from .mil import BagStore, cindex, grouped_folds, match_slides, mean_std, read_slide_csv
+from eval.abmil import ABMILConfig, predict_abmil, train_abmil
+from eval.common import LOG, add_common_args, ensure_dir, parse_cli, save_figure, write_report
+from eval.slide_cv import BagStore, cindex, grouped_folds, match_slides, mean_std, read_slide_csv, validate_survival
 
 DEFAULT_ALPHAS = (0.01, 0.02, 0.07)
-
-
-def validate_survival(df: pd.DataFrame, time_col: str, event_col: str, source: str = "clinical CSV") -> pd.DataFrame:
-    """Check times (present, finite, >= 0) and events (0/1, at least one event); name offending slides."""
-    df = df.copy()
-    t = pd.to_numeric(df[time_col], errors="coerce")
-    bad = df["slide_id"][t.isna() | ~np.isfinite(t.fillna(0))].tolist()
-    if bad:
-        raise ValueError(f"{source}: missing or non-numeric {time_col!r} for slide(s) {bad[:10]}")
-    neg = df["slide_id"][t < 0].tolist()
-    if neg:
-        raise ValueError(f"{source}: negative {time_col!r} for slide(s) {neg[:10]}")
-    ev = df[event_col].map(lambda v: {"true": 1, "false": 0}.get(str(v).strip().lower(), v))
-    e = pd.to_numeric(ev, errors="coerce")
-    bad = df["slide_id"][~e.isin([0, 1])].tolist()
-    if bad:
-        raise ValueError(f"{source}: {event_col!r} must be 0/1 (or true/false); bad value for slide(s) {bad[:10]}")
-    if e.sum() == 0:
-        raise ValueError(f"{source}: all {len(df)} slides are censored ({event_col!r} is 0 everywhere); survival needs events")
-    df[time_col], df[event_col] = t.astype(float), e.astype(int)
-    return df
 
 
 def mean_pool(store: BagStore) -> np.ndarray:
@@ -211,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--features-dir", required=True, help="directory of {slide_id}.h5 with 'features' (N,D)")
     p.add_argument("--clinical", required=True, help="CSV with slide_id, time, event[, patient_id]")
-    p.add_argument("--time-col", default="time")
-    p.add_argument("--event-col", default="event")
+    p.add_argument("--time-key", default="time", help="clinical CSV column with the follow-up time")
+    p.add_argument("--event-key", default="event", help="clinical CSV column with the event (1) / censored (0) flag")
     p.add_argument("--analyses", nargs="+", choices=["gmm", "coxnet"], default=["gmm", "coxnet"])
     p.add_argument("--pooling", choices=["mean", "abmil"], default="mean", help="slide embedding for CoxNet")
     p.add_argument("--gmm-components", type=int, default=0, help="fixed number of clusters (0: choose by BIC)")
@@ -233,13 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> Dict:
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    set_seed(args.seed)
-    df = read_slide_csv(args.clinical, [args.time_col, args.event_col])
-    df = validate_survival(match_slides(df, args.features_dir, args.allow_partial), args.time_col, args.event_col, args.clinical)
+    args = parse_cli(build_parser(), argv)
+    df = read_slide_csv(args.clinical, [args.time_key, args.event_key])
+    df = validate_survival(match_slides(df, args.features_dir, args.allow_partial), args.time_key, args.event_key, args.clinical)
     store = BagStore(df["path"])
-    times, events = df[args.time_col].to_numpy(float), df[args.event_col].to_numpy(int)
+    times, events = df[args.time_key].to_numpy(float), df[args.event_key].to_numpy(int)
     patients = df["patient_id"].to_numpy()
     ensure_dir(args.out_dir)
     results: Dict = {"n_slides": len(df), "n_patients": int(len(np.unique(patients))), "n_events": int(events.sum()),

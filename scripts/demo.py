@@ -204,8 +204,8 @@ def main(argv=None):
 
     timer.step("4/5 frequency bias of the SSM mixers")
     freq = out / "frequency_bias"
-    run([sys.executable, "scripts/frequency_bias.py", "--out-dir", freq / "initialisations"])
-    run([sys.executable, "scripts/frequency_bias.py", "--model", model["arch"], "--checkpoint", out / "teacher_checkpoint.pth",
+    run([sys.executable, "-m", "eval.frequency_bias", "--out-dir", freq / "initialisations"])
+    run([sys.executable, "-m", "eval.frequency_bias", "--model", model["arch"], "--checkpoint", out / "teacher_checkpoint.pth",
          "--out-dir", freq / "pretrained_demo_model"])
 
     timer.step("5/5 report")

@@ -41,8 +41,9 @@ from PIL import Image
 # Allow running from a source checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dino.data.synthetic_tissue import CLASS_NAMES, MORPHOLOGY_FEATURES, SyntheticTissue  # noqa: E402
-from dino.utils.atomic import atomic_temp_dir  # noqa: E402
+from dino.data.synthetic_tissue import CLASS_NAMES, MORPHOLOGY_FEATURES  # noqa: E402
+from dino.atomic import atomic_temp_dir  # noqa: E402
+from scripts.synthetic_cohort import SyntheticCohort  # noqa: E402
 
 MARKER = ".complete.json"
 # Disjoint patch-index ranges, so no image appears in two parts.
@@ -82,10 +83,10 @@ def _building(final: Path, params: dict, force: bool):
         raise
 
 
-_WORKER_GEN: SyntheticTissue | None = None
+_WORKER_GEN: SyntheticCohort | None = None
 
 
-def _init_worker(gen: SyntheticTissue) -> None:
+def _init_worker(gen: SyntheticCohort) -> None:
     global _WORKER_GEN
     _WORKER_GEN = gen
 
@@ -95,7 +96,7 @@ def _render_job(job):
     return _WORKER_GEN.patch(*args) if kind == "patch" else _WORKER_GEN.slide_patch(*args)
 
 
-def _render(gen: SyntheticTissue, jobs: list[tuple], workers: int) -> list:
+def _render(gen: SyntheticCohort, jobs: list[tuple], workers: int) -> list:
     """Render ("patch", index, label, study) / ("slide", slide, j) jobs, in order, on ``workers`` processes.
 
     Every patch is a pure function of its job, so the output does not depend on ``workers``.
@@ -113,7 +114,7 @@ def _default_workers() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
-def _gen_params(gen: SyntheticTissue) -> dict:
+def _gen_params(gen: SyntheticCohort) -> dict:
     return {"seed": gen.seed, "n_studies": gen.n_studies, "image_size": gen.image_size,
             "stain_variation": gen.stain_variation}
 
@@ -134,7 +135,7 @@ def _write_patch_h5(path: Path, images: np.ndarray, barcodes: list[str], coords:
 # ---------------------------------------------------------------------------------------------
 # Parts
 # ---------------------------------------------------------------------------------------------
-def write_classification(out: str | os.PathLike, gen: SyntheticTissue, n_per_class: int = 60,
+def write_classification(out: str | os.PathLike, gen: SyntheticCohort, n_per_class: int = 60,
                          fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), force: bool = False,
                          workers: int = 1) -> dict:
     """PNG patches under ``out/images/{CLASS}/`` and ``out/labels.csv`` (path, label, study, split).
@@ -182,7 +183,7 @@ def _spot_layout(rng: np.random.Generator, n_spots: int, n_classes: int) -> tupl
     return np.stack([x, y], 1).round().astype(np.int64) + _SPOT_PITCH_PX, seed_cls[nearest]
 
 
-def write_hest(out: str | os.PathLike, gen: SyntheticTissue, samples_per_study: int = 2, spots_per_sample: int = 200,
+def write_hest(out: str | os.PathLike, gen: SyntheticCohort, samples_per_study: int = 2, spots_per_sample: int = 200,
                n_genes: int = 100, n_informative: int = 40, batch_strength: float = 0.3, force: bool = False,
                workers: int = 1) -> dict:
     """A HEST-Benchmark-layout gene-expression task with ``gen.n_studies`` studies (see module doc)."""
@@ -259,7 +260,7 @@ def write_hest(out: str | os.PathLike, gen: SyntheticTissue, samples_per_study: 
             "spots": len(samples) * spots_per_sample, "genes": n_genes, "informative_in_var50": n_inf50}
 
 
-def write_slides(out: str | os.PathLike, gen: SyntheticTissue, n_slides: int = 40, patches_per_slide: int = 32,
+def write_slides(out: str | os.PathLike, gen: SyntheticCohort, n_slides: int = 40, patches_per_slide: int = 32,
                  force: bool = False, workers: int = 1) -> dict:
     """Per-slide patch bags ``patches/{slide_id}.h5`` and ``clinical.csv`` with survival and MSI/MSS."""
     out = Path(out)
@@ -297,7 +298,7 @@ def make_demo_data(out: str | os.PathLike, image_size: int = 64, seed: int = 0, 
     for any number of workers.
     """
     workers = _default_workers() if workers is None else int(workers)
-    gen = SyntheticTissue(seed=seed, n_studies=n_studies, image_size=image_size)
+    gen = SyntheticCohort(seed=seed, n_studies=n_studies, image_size=image_size)
     writers = {"classification": (write_classification, ("n_per_class",)),
                "hest": (write_hest, ("samples_per_study", "spots_per_sample", "n_genes", "n_informative",
                                      "batch_strength")),

@@ -17,6 +17,8 @@ from typing import Dict, List, Optional, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from dino.atomic import atomic_write
+
 logger = logging.getLogger("dino")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -342,12 +344,8 @@ def write_config(cfg: DictConfig, output_dir: str, name: str = "config.yaml") ->
     """Write the resolved config atomically to ``output_dir/name``; returns the path."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, name)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path, fsync=True) as tmp, open(tmp, "w") as f:
         f.write(OmegaConf.to_yaml(cfg, resolve=True))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from dino import distributed
+from dino.atomic import atomic_write
 
 logger = logging.getLogger("dino")
 
@@ -59,36 +60,11 @@ except ImportError:  # a torch build without distributed: plain modules only
 
 
 # -- files ---------------------------------------------------------------------------------------
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` to ``path`` atomically: tmp file in the same dir, fsync, ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Leave the old checkpoint alone; remove our partial file.
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(directory)
+    # On any error the old checkpoint stays and the partial file is removed.
+    with atomic_write(path, fsync=True) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_file(path: str) -> Dict[str, Any]:
@@ -227,12 +203,8 @@ def _read_history(directory: str) -> list:
 
 def _write_history(directory: str, entries: list) -> None:
     path = os.path.join(directory, HISTORY_NAME)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path, fsync=True) as tmp, open(tmp, "w") as f:
         json.dump(entries, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def history_name(iteration: int) -> str:
@@ -240,16 +212,14 @@ def history_name(iteration: int) -> str:
 
 
 def _link_or_copy(src: str, dst: str) -> None:
-    tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp.{os.getpid()}")
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(src, tmp)
-    except OSError:  # a file system without hard links
-        import shutil
+    with atomic_write(dst) as tmp:
+        os.remove(tmp)  # os.link needs a free name; the random one stays ours
+        try:
+            os.link(src, tmp)
+        except OSError:  # a file system without hard links
+            import shutil
 
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+            shutil.copyfile(src, tmp)
 
 
 def _record_history(directory: str, path: str, iteration: int, max_abs: float, keep: int) -> None:

@@ -13,6 +13,8 @@ import time
 from collections import defaultdict, deque
 from typing import Dict, Optional
 
+from dino.atomic import atomic_write
+
 logger = logging.getLogger("dino")
 
 
@@ -104,12 +106,8 @@ class MetricsWriter:
                     continue  # a line cut short by a kill
                 if rec.get("iteration", -1) < iteration:
                     kept.append(line)
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
+        with atomic_write(self.path, fsync=True) as tmp, open(tmp, "w") as f:
             f.write("".join(k + "\n" for k in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
 
     @property
     def iter_time(self) -> float:

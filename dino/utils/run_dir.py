@@ -1,6 +1,6 @@
 """Housekeeping of a training output directory, done by rank 0 while it holds the run lock.
 
-* Temporary files of atomic writes (``.checkpoint.pth.tmp.<pid>`` and the like) that a killed save
+* Temporary files of atomic writes (``.checkpoint.pth.<random>.tmp`` and the like) that a killed save
   left behind are removed at start: with the lock held, nobody else can be writing them.
 * ``--no-resume`` never destroys a previous run: its files are moved to
   ``<output_dir>/previous_runs/<UTC time>/`` first.
@@ -15,8 +15,8 @@ from typing import List, Optional
 
 logger = logging.getLogger("dino")
 
-# `.name.tmp.<pid>` (checkpoint.atomic_save), `name.tmp.<pid>` (config.write_config),
-# `name.tmp` (MetricsWriter), `.name.<random>.tmp` (utils.atomic.atomic_temp_path).
+# `.name.<random>.tmp` (dino.atomic, every atomic write), and `.name.tmp.<pid>` / `name.tmp` left by
+# runs of earlier versions.
 _TEMP = re.compile(r"\.tmp(\.\d+)?$")
 # What a training writes, apart from its logs (kept in place: the new run appends to them).
 RUN_ARTEFACTS = ("checkpoint.pth", "checkpoint_*.pth", "checkpoints.json", "training_metrics.json",

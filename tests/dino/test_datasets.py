@@ -271,20 +271,3 @@ def test_make_demo_data_output_does_not_depend_on_workers():
     assert all(a.image.tobytes() == b.image.tobytes() for a, b in zip(one, two))
     with pytest.raises(ValueError, match="unknown part"):
         mdd.make_demo_data("/nonexistent", parts=("wsi",))
-
-
-def test_atomic_temp_paths_get_normal_permissions(tmp_path):
-    """mkstemp/mkdtemp are private (0600/0700); results must stay readable by a lab's group after the rename."""
-    import stat
-
-    from dino.utils.atomic import atomic_temp_dir, atomic_temp_path
-
-    old = os.umask(0o022)
-    try:
-        f = atomic_temp_path(tmp_path / "sub" / "report.json")
-        d = atomic_temp_dir(tmp_path / "data")
-    finally:
-        os.umask(old)
-    assert os.path.dirname(f) == str(tmp_path / "sub") and os.path.getsize(f) == 0
-    assert stat.S_IMODE(os.stat(f).st_mode) == 0o644
-    assert d.parent == tmp_path and stat.S_IMODE(os.stat(d).st_mode) == 0o755

@@ -50,7 +50,7 @@ if os.environ.get("DIE_IN_TEACHER_SAVE"):  # SIGKILL half way through writing th
     def dying(obj, path):
         if path.endswith("teacher_checkpoint.pth"):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp." + str(os.getpid()))
+            tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".a1b2c3.tmp")  # dino.atomic's name
             with open(tmp, "wb") as f:
                 f.write(b"PK partial teacher")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -217,9 +217,9 @@ def test_kill_during_final_teacher_save_is_recovered_and_temp_files_removed(tmp_
     out = tmp_path / "out"
     r = run(out, DIE_IN_TEACHER_SAVE="1")
     assert r.returncode == -signal.SIGKILL
-    (out / ".checkpoint.pth.tmp.999999").write_bytes(b"x" * 1000)  # as left by an earlier killed save
+    (out / ".checkpoint.pth.tmp.999999").write_bytes(b"x" * 1000)  # as left by a killed save of an earlier version
     teacher = out / "eval" / f"training_{ITERS - 1}" / "teacher_checkpoint.pth"
-    assert not teacher.exists() and list(teacher.parent.glob(".teacher_checkpoint.pth.tmp.*"))
+    assert not teacher.exists() and list(teacher.parent.glob(".teacher_checkpoint.pth.*.tmp"))
     r = run(out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "training already complete" in r.stdout and "removed 2 temporary file(s)" in r.stdout

@@ -181,9 +181,9 @@ def test_cli_with_png_export_and_target_mpp(slide_dir, tmp_path):
 
 def test_patching_a_synthetic_he_slide(tmp_path):
     """The project's synthetic H&E slide (tissue fragments on glass, 0.5 um/px) as a pyramidal TIFF."""
-    from dino.data.synthetic_tissue import SyntheticTissue
+    from scripts.synthetic_cohort import SyntheticCohort
 
-    slide = SyntheticTissue(seed=0, image_size=128).slide_image(1024, index=0)
+    slide = SyntheticCohort(seed=0, image_size=128).slide_image(1024, index=0)
     path = write_pyramidal_tiff(tmp_path / "slides" / "synthetic_0.tif", slide.image, mpp=slide.mpp, tile=128, n_levels=3)
     # A 0.5 mm slide: CLAM's reference patch (512 px) would make every fragment "too small".
     cfg = PatchingConfig(patch_size=128, seg=SegmentationParams(ref_patch_size=128))

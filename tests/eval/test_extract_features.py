@@ -178,13 +178,13 @@ def test_wsi_end_to_end_with_openslide(tmp_path):
     """Slides (pyramidal TIFF from the synthetic generator) -> create_patches -> CLAM feature h5 per slide."""
     import subprocess
 
-    from dino.data.synthetic_tissue import SyntheticTissue
+    from scripts.synthetic_cohort import SyntheticCohort
     from dino.data.wsi.pyramid_tiff import write_pyramidal_tiff
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     slides = tmp_path / "slides"
     slides.mkdir()
-    gen = SyntheticTissue(seed=0)
+    gen = SyntheticCohort(seed=0)
     for i in range(2):
         write_pyramidal_tiff(slides / f"slide{i}.tif", gen.slide_image(1024, index=i).image, mpp=0.5, n_levels=2)
     r = subprocess.run([sys.executable, "scripts/create_patches.py", "--source", str(slides), "--save-dir",

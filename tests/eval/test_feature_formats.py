@@ -9,7 +9,7 @@ import pytest
 
 from eval import common
 from eval import gene_expression as ge
-from eval.mil import BagStore
+from eval.slide_cv import BagStore
 
 
 def write_hest_embeddings(path, x, barcodes):

@@ -7,7 +7,8 @@ import torch
 
 from eval.abmil import ABMILConfig, GatedABMIL, class_weights, cox_ph_loss, predict_abmil, train_abmil
 from eval.common import load_features_h5, save_features_h5
-from eval.mil import BagStore, main, run_mil_cv
+from eval.mil import main, run_mil_cv
+from eval.slide_cv import BagStore
 
 
 
@@ -156,7 +157,7 @@ def test_cli_mismatch_and_bad_file_errors(tmp_path):
     with pytest.raises(OSError, match=ids[0]):
         BagStore([str(fdir / f"{ids[0]}.h5")])
     with pytest.raises(KeyError, match="label_x"):
-        main(["--features-dir", str(fdir), "--csv", str(csv), "--label-col", "label_x", "--out-dir", str(tmp_path / "o")])
+        main(["--features-dir", str(fdir), "--csv", str(csv), "--label-key", "label_x", "--out-dir", str(tmp_path / "o")])
 
 
 def test_training_bags_are_subsampled_to_bag_size():

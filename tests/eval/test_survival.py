@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 
 from eval.common import save_features_h5
-from eval.survival import bootstrap_ci, coxnet_cv, gmm_stratify, logrank, main, validate_survival
-from eval.mil import cindex
+from eval.slide_cv import validate_survival
+from eval.survival import bootstrap_ci, coxnet_cv, gmm_stratify, logrank, main
+from eval.slide_cv import cindex
 
 
 def planted(n=150, d=12, seed=0, censor_rate=0.3):

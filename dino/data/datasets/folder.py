@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from dino.data.unreadable import UnreadableSampleError
-from dino.utils.atomic import atomic_temp_path
+from dino.atomic import atomic_write
 
 logger = logging.getLogger("dino")
 
@@ -185,10 +185,8 @@ class ImageFolderDataset(Dataset):
     def _write_cache(self, files: list[str], dirs: dict[str, int]) -> None:
         path = self._cache_path()
         try:
-            tmp = atomic_temp_path(path)
-            with open(tmp, "w", encoding="utf-8") as fh:
+            with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
                 json.dump({"root": str(self.root), "dirs": dirs, "files": files}, fh)
-            os.replace(tmp, path)
         except OSError as err:  # read-only home on a compute node: just list again next time
             logger.debug("ImageFolderDataset: could not cache the listing in %s: %s", path, err)
 

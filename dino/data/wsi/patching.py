@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -22,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from dino.data.wsi.segmentation import BIOPSY_PRESET, SegmentationParams, TissueSegmentation, segment_tissue
-from dino.utils.atomic import atomic_temp_path
+from dino.atomic import atomic_write
 
 try:  # openslide and opencv are part of the optional "wsi" extra
     import openslide
@@ -195,18 +194,11 @@ def write_coords_h5(path, coords: np.ndarray, attrs: dict):
     """Write a CLAM-format coords file atomically (temp file in the same folder, then replace)."""
     import h5py
 
-    path = Path(path)
-    tmp = atomic_temp_path(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            dset = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
-            for key, value in attrs.items():
-                if value is not None:
-                    dset.attrs[key] = value
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+        dset = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
+        for key, value in attrs.items():
+            if value is not None:
+                dset.attrs[key] = value
 
 
 def read_coords_h5(path):
@@ -269,13 +261,8 @@ def draw_thumbnail(rgb: np.ndarray, seg: TissueSegmentation, coords, level0_size
 
 
 def _save_png_atomic(img: Image.Image, path: Path):
-    tmp = atomic_temp_path(path)
-    try:
+    with atomic_write(path) as tmp:
         img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # --------------------------------------------------------------------------- one slide
@@ -412,18 +399,11 @@ def find_slides(slide_dir, extensions=SLIDE_EXTENSIONS):
 
 def write_summary(path, results):
     """Write ``summary.csv`` atomically, one row per slide, sorted by slide id."""
-    path = Path(path)
-    tmp = atomic_temp_path(path)
-    try:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
-            writer.writeheader()
-            for r in sorted(results, key=lambda r: r.slide_id):
-                writer.writerow({k: v for k, v in asdict(r).items() if k in SUMMARY_FIELDS})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
+        writer.writeheader()
+        for r in sorted(results, key=lambda r: r.slide_id):
+            writer.writerow({k: v for k, v in asdict(r).items() if k in SUMMARY_FIELDS})
 
 
 def _run_pool(slides, out_dir, cfg, skip_existing, workers, on_result):
@@ -486,10 +466,8 @@ def check_and_record_params(out_dir, cfg: PatchingConfig, overwrite: bool = Fals
             raise ValueError(f"{out_dir} holds patches made with other parameters ({listed}); "
                              "use another --save-dir, or --overwrite to redo every slide")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_temp_path(path)
-    with open(tmp, "w") as f:
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         json.dump(new, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def process_slides(slides, out_dir, cfg: PatchingConfig | None = None, workers=1, skip_existing=True, progress=True):

@@ -7,12 +7,11 @@ resolution tags (centimetre units).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from dino.utils.atomic import atomic_temp_path
+from dino.atomic import atomic_write
 
 
 def write_pyramidal_tiff(path, rgb: np.ndarray, mpp: float | None = 0.5, tile: int = 256, n_levels: int = 3,
@@ -29,8 +28,7 @@ def write_pyramidal_tiff(path, rgb: np.ndarray, mpp: float | None = 0.5, tile: i
     if tile % 16:
         raise ValueError(f"TIFF tiles must be a multiple of 16 px, got {tile}")
     path = Path(path)
-    tmp = atomic_temp_path(path)
-    try:
+    with atomic_write(path) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2**31) as tw:
             level = rgb
             for i in range(n_levels):
@@ -44,8 +42,4 @@ def write_pyramidal_tiff(path, rgb: np.ndarray, mpp: float | None = 0.5, tile: i
                 if h < 2 or w < 2:
                     break
                 level = level[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

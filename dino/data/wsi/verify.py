@@ -8,11 +8,10 @@ unreadable patch: slide_id, x, y, error).
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 from dino.data.unreadable import UnreadableSampleError
-from dino.utils.atomic import atomic_temp_path
+from dino.atomic import atomic_write
 
 VERIFY_FIELDS = ("slide_id", "x", "y", "error")
 
@@ -39,14 +38,8 @@ def verify_patches(slide_dir, save_dir, progress: bool = True) -> dict:
     finally:
         ds.close()
     out = Path(save_dir) / "verify.csv"
-    tmp = atomic_temp_path(out)
-    try:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(VERIFY_FIELDS)
-            writer.writerows(bad)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(out) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(VERIFY_FIELDS)
+        writer.writerows(bad)
     return {"patches": len(ds), "unreadable": bad}

@@ -1,7 +1,5 @@
-import importlib.util
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -9,17 +7,9 @@ import torch.nn.functional as F
 
 from eval.frequency_bias import (
     SSMParams, analytic_transfer, analyze, discretize, impulse_response, mamba_dt_init, real_kernel, s4d_init,
-    scan_model, spectral_metrics, transfer_magnitude,
+    main, scan_model, spectral_metrics, transfer_magnitude,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("frequency_bias_script", os.path.join(ROOT, "scripts", "frequency_bias.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("method", ["zoh", "euler"])
@@ -100,23 +90,20 @@ def test_scan_reads_mv_hybrid_double_bias_and_other_mixers():
 
 
 def test_script_init_mode_and_tiny_model(tmp_path):
-    script = _script()
-    res = script.main(["--out-dir", str(tmp_path / "init"), "--d-model", "16", "--seq-len", "65"])
+    res = main(["--out-dir", str(tmp_path / "init"), "--d-model", "16", "--seq-len", "65"])
     s = res["summary"]
     assert s["s4d-real"]["low_freq_energy"] > s["s4d-lin"]["low_freq_energy"]
     assert (tmp_path / "init" / "frequency_bias.png").stat().st_size > 0
     saved = json.loads((tmp_path / "init" / "frequency_bias.json").read_text())
     assert len(saved["mean_H"]["s4d-real"]) == 65 // 2 + 1
 
-    res = script.main(["--model", "mv_hybrid", "--model-arg", "img_size=32", "--model-arg", "patch_size=8",
-                       "--model-arg", "embed_dim=32", "--model-arg", "depth=2", "--model-arg", "num_heads=2",
+    res = main(["--model", "mv_hybrid", "--model-kwargs", "{\"img_size\": 32, \"patch_size\": 8, \"embed_dim\": 32, \"depth\": 2, \"num_heads\": 2}",
                        "--seq-len", "17", "--out-dir", str(tmp_path / "model")])
     assert [r["source"] for r in res["layers"]] == ["model", "same Δ, S4D-Lin A"]
     assert res["layers"][0]["delta_mean"] == pytest.approx(math.log(2))  # fresh model: zero dt bias
     assert "| model |" in (tmp_path / "model" / "frequency_bias.md").read_text()
     with pytest.raises(SystemExit):
-        script.main(["--model", "vit_12", "--model-arg", "img_size=32", "--model-arg", "patch_size=8", "--model-arg", "embed_dim=32",
-                     "--model-arg", "depth=2", "--model-arg", "num_heads=2", "--out-dir", str(tmp_path / "vit")])
+        main(["--model", "vit_12", "--model-kwargs", "{\"img_size\": 32, \"patch_size\": 8, \"embed_dim\": 32, \"depth\": 2, \"num_heads\": 2}", "--out-dir", str(tmp_path / "vit")])
 
 
 def test_image_driven_delta_and_bc(tmp_path):
@@ -141,8 +128,7 @@ def test_image_driven_delta_and_bc(tmp_path):
         arr = (torch.rand(40, 40, 3, generator=rng) * 255).to(torch.uint8).numpy()
         Image.fromarray(arr).save(img_dir / f"p{i}.png")
     (img_dir / "broken.png").write_bytes(b"not a png")
-    res = _script().main(["--model", "mv_hybrid", "--model-arg", "img_size=32", "--model-arg", "patch_size=8",
-                          "--model-arg", "embed_dim=32", "--model-arg", "depth=2", "--model-arg", "num_heads=2",
+    res = main(["--model", "mv_hybrid", "--model-kwargs", "{\"img_size\": 32, \"patch_size\": 8, \"embed_dim\": 32, \"depth\": 2, \"num_heads\": 2}",
                           "--delta-source", "images", "--image-dir", str(img_dir), "--img-size", "32", "--seq-len", "17",
                           "--out-dir", str(tmp_path / "o")])
     assert res["source"].endswith("3 images")  # the broken file is skipped and counted

@@ -1,0 +1,1 @@
+"""Command-line tools run from a checkout (not installed); importable as ``scripts.<name>`` for their tests."""
