@@ -36,6 +36,7 @@ sys.path.insert(0, REPO)
 
 import mambavision  # noqa: E402
 from bench_backbones import CASES, measure  # noqa: E402
+from bench_selective_scan import make_inputs  # noqa: E402
 from mambavision.layers import EinFFT  # noqa: E402
 
 SECTIONS = ("backbones", "scan", "step", "loader", "profile")
@@ -80,11 +81,12 @@ def scan_backend(name):
 class TimmAsBackbone(nn.Module):
     """timm ViT behind our contract's ``forward_features`` dict (CLS first, then patches)."""
 
-    def __init__(self, name, img_size):
+    def __init__(self, name, img_size, **overrides):
         super().__init__()
         import timm
 
-        self.m = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size, dynamic_img_size=True)
+        self.m = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size, dynamic_img_size=True,
+                                   **overrides)
 
     def forward_features(self, x):
         t = self.m.forward_features(x)
@@ -98,15 +100,11 @@ def build_backbone(spec, tiny):
     """``name`` or ``name[key=value,...]``; keys: einfft (impl), scan (backend). Returns (model, scan)."""
     m = re.fullmatch(r"([\w:]+)(?:\[(.*)\])?", spec)
     name, opts = m.group(1), dict(kv.split("=") for kv in (m.group(2) or "").split(",") if kv)
+    kw = dict(embed_dim=64, depth=4, num_heads=2) if tiny else {}
     if name.startswith("timm:"):
-        kw = dict(embed_dim=64, depth=4, num_heads=2) if tiny else {}
-        model = TimmAsBackbone(name[5:], 256)
-        if kw:
-            import timm
-
-            model.m = timm.create_model(name[5:], num_classes=0, img_size=256, dynamic_img_size=True, **kw)
+        model = TimmAsBackbone(name[5:], 256, **kw)
     else:
-        model = mambavision.create_model(name, **(dict(embed_dim=64, depth=4, num_heads=2) if tiny else {}))
+        model = mambavision.create_model(name, **kw)
     if "einfft" in opts:
         for mod in model.modules():
             if isinstance(mod, EinFFT):
@@ -137,18 +135,6 @@ def bench_backbones(args, device, report):
         lines.append(f"| {spec} | " + " | ".join(
             f"{rows[spec][c[0]]:.0f} ({rows[spec][c[0]] / rows[base][c[0]]:.2f}x)" for c in cases) + " |")
     report.add("backbones", rows, lines)
-
-
-def _scan_inputs(b, d, l, n, device, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=1.0, dt=dtype):
-        return (scale * torch.randn(*shape, generator=g)).to(device=device, dtype=dt).requires_grad_()
-
-    return dict(u=rnd(b, d, l), delta=rnd(b, d, l, scale=0.5),
-                A=(-torch.arange(1, n + 1, dtype=torch.float32).repeat(d, 1)).to(device).requires_grad_(),
-                B=rnd(b, n, l), C=rnd(b, n, l), D=rnd(d, dt=torch.float32),
-                delta_bias=rnd(d, scale=0.1, dt=torch.float32))
 
 
 def _time_ms(fn, device, warmup, reps):
@@ -182,7 +168,7 @@ def bench_scan(args, device, report):
     rows = {}
     for dtn, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         for lab, b, d, l, n in shapes:
-            inp = _scan_inputs(b, d, l, n, device, dt)
+            inp = make_inputs(l, device, dt, batch=b, dim=d, dstate=n)
             for label, be in backends:
                 def step():
                     y = selective_scan_fn(**inp, delta_softplus=True, backend=be)
@@ -214,7 +200,7 @@ def _sweep_triton(args, device, report, shapes):
     configs = [tuple(int(v) for v in c.split("x")) for c in args.scan_configs.split(",")]
     try:
         for lab, b, d, l, n in shapes:
-            inp = _scan_inputs(b, d, l, n, device, torch.bfloat16)
+            inp = make_inputs(l, device, torch.bfloat16, batch=b, dim=d, dstate=n)
             for cfg in configs:
                 sst.BLOCK_D, sst.CHUNK, sst.NUM_WARPS = cfg
 

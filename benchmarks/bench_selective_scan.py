@@ -34,7 +34,7 @@ LENGTHS = {"256 px (L=257)": 257, "112 px (L=50)": 50}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def make_inputs(length, device, dtype, seed=0):
+def make_inputs(length, device, dtype, seed=0, batch=BATCH, dim=DIM, dstate=DSTATE):
     """Inputs as MV_Hybrid passes them: variable B and C, fp32 A / D / delta_bias, softplus on."""
     g = torch.Generator().manual_seed(seed)
 
@@ -42,13 +42,13 @@ def make_inputs(length, device, dtype, seed=0):
         return (scale * torch.randn(*shape, generator=g)).to(device=device, dtype=dt).requires_grad_()
 
     return dict(
-        u=rnd(BATCH, DIM, length),
-        delta=rnd(BATCH, DIM, length, scale=0.5),
-        A=(-torch.arange(1, DSTATE + 1, dtype=torch.float32).repeat(DIM, 1)).to(device).requires_grad_(),
-        B=rnd(BATCH, DSTATE, length),
-        C=rnd(BATCH, DSTATE, length),
-        D=rnd(DIM, dt=torch.float32),
-        delta_bias=rnd(DIM, scale=0.1, dt=torch.float32),
+        u=rnd(batch, dim, length),
+        delta=rnd(batch, dim, length, scale=0.5),
+        A=(-torch.arange(1, dstate + 1, dtype=torch.float32).repeat(dim, 1)).to(device).requires_grad_(),
+        B=rnd(batch, dstate, length),
+        C=rnd(batch, dstate, length),
+        D=rnd(dim, dt=torch.float32),
+        delta_bias=rnd(dim, scale=0.1, dt=torch.float32),
     )
 
 

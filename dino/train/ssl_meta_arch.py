@@ -18,6 +18,7 @@ from dino.configs.config import as_container
 from dino.heads import DINOHead
 from dino.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dino.utils import precision
+from mambavision.amp import autocast_off
 
 logger = logging.getLogger("dino")
 
@@ -175,14 +176,8 @@ class SSLMetaArch(nn.Module):
         ``koleo_loss``, ``ibot_loss``). The forward passes run under ``compute_precision.autocast_dtype``,
         the centering and the losses in fp32."""
         n_global = 2
-        n_local = self.cfg.crops.local_crops_number
-        global_crops = self._to_device(images["collated_global_crops"])
-        local_crops = self._to_device(images["collated_local_crops"]) if n_local > 0 else None
-        masks = self._to_device(images["collated_masks"])
-        mask_indices = self._to_device(images["mask_indices_list"])
+        global_crops, local_crops, masks, mask_indices, n_masked, upperbound = self._batch(images)
         n_masked_tensor = self._to_device(images["n_masked_patches"])
-        n_masked = mask_indices.shape[0]
-        upperbound = int(images["upperbound"])
         masks_weight = self._to_device(images["masks_weight"])
 
         amp = precision.autocast(self.cfg.compute_precision.autocast_dtype, self.device)
@@ -190,13 +185,13 @@ class SSLMetaArch(nn.Module):
             teacher_out = self._teacher_targets(
                 global_crops, n_global, teacher_temp, mask_indices, n_masked, n_masked_tensor, upperbound
             )
-        with precision.full_precision(self.device):
+        with autocast_off(self.device.type):
             dino_targets, ibot_targets = self._center_teacher(*teacher_out, n_global, teacher_temp, n_masked_tensor)
         fsdp.reshard(self.teacher.values())  # the EMA must see the sharded teacher parameters
 
         with amp:
             student_out = self._student_forward(global_crops, local_crops, masks, mask_indices, n_masked, upperbound)
-        with precision.full_precision(self.device):
+        with autocast_off(self.device.type):
             total, loss_dict = self._losses(*student_out, dino_targets, ibot_targets, masks, n_masked, masks_weight)
         if self.fp16_scaler is not None:
             self.fp16_scaler.scale(total).backward()
@@ -204,16 +199,20 @@ class SSLMetaArch(nn.Module):
             total.backward()
         return {k: v.detach() for k, v in loss_dict.items()}
 
-    def run_networks(self, images: Dict) -> None:
-        """The network passes of one step, without the losses: teacher forward, student forward, and a
-        backward through the student from a stand-in scalar. The losses add no matrix products beyond
-        KoLeo's tiny one, so this is what MFU counts (``dino.utils.throughput.count_step_flops``)."""
+    def _batch(self, images: Dict):
+        """The collated batch on this model's device: crops, masks, masked indices, their count, upper bound."""
         n_local = self.cfg.crops.local_crops_number
         global_crops = self._to_device(images["collated_global_crops"])
         local_crops = self._to_device(images["collated_local_crops"]) if n_local > 0 else None
         masks = self._to_device(images["collated_masks"])
         mask_indices = self._to_device(images["mask_indices_list"])
-        n_masked, upperbound = mask_indices.shape[0], int(images["upperbound"])
+        return global_crops, local_crops, masks, mask_indices, mask_indices.shape[0], int(images["upperbound"])
+
+    def run_networks(self, images: Dict) -> None:
+        """The network passes of one step, without the losses: teacher forward, student forward, and a
+        backward through the student from a stand-in scalar. The losses add no matrix products beyond
+        KoLeo's tiny one, so this is what MFU counts (``dino.utils.throughput.count_step_flops``)."""
+        global_crops, local_crops, masks, mask_indices, n_masked, upperbound = self._batch(images)
         self._teacher_targets(global_crops, 2, 0.07, mask_indices, n_masked, None, upperbound)
         outs = self._student_forward(global_crops, local_crops, masks, mask_indices, n_masked, upperbound)
         sum(o.sum() for o in outs if o is not None).backward()

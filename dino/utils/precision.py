@@ -31,8 +31,3 @@ def autocast(dtype_name: str, device: torch.device):
     if dtype is torch.float16 and device.type != "cuda":
         raise ValueError("compute_precision.autocast_dtype=fp16 needs CUDA; use bf16 on CPU")
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def full_precision(device: torch.device):
-    """Leave autocast for a region that must run in fp32 (losses, centering)."""
-    return torch.autocast(device_type=device.type, enabled=False)
