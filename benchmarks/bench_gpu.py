@@ -97,7 +97,9 @@ class TimmAsBackbone(nn.Module):
 
 
 def build_backbone(spec, tiny):
-    """``name`` or ``name[key=value,...]``; keys: einfft (impl), scan (backend). Returns (model, scan)."""
+    """``name`` or ``name[key=value,...]``; keys: einfft (impl), scan (backend), compile (``blocks``: each
+    block, as the trainer's ``compute_precision.compile``; ``model``: the whole forward; ``cudagraphs``: the
+    whole forward in CUDA graphs, torch.compile's ``reduce-overhead``). Returns (model, scan)."""
     m = re.fullmatch(r"([\w:]+)(?:\[(.*)\])?", spec)
     name, opts = m.group(1), dict(kv.split("=") for kv in (m.group(2) or "").split(",") if kv)
     kw = dict(embed_dim=64, depth=4, num_heads=2) if tiny else {}
@@ -109,13 +111,22 @@ def build_backbone(spec, tiny):
         for mod in model.modules():
             if isinstance(mod, EinFFT):
                 mod.impl = opts["einfft"]
+    how = opts.get("compile")
+    if how == "blocks":
+        model.compile_blocks()
+    elif how in ("model", "cudagraphs"):
+        kw = dict(dynamic=False, mode="reduce-overhead" if how == "cudagraphs" else None)
+        model.forward_features = torch.compile(model.forward_features, **kw)
+        model.forward = torch.compile(model.forward, **kw)
+    elif how is not None:
+        raise ValueError(f"{spec}: compile must be blocks, model or cudagraphs")
     return model, opts.get("scan")
 
 
 # -- sections ------------------------------------------------------------------------------------
 def bench_backbones(args, device, report):
     cases = [(n, s, max(1, b // 64) if args.tiny else b, t) for n, s, b, t in CASES]
-    specs = args.backbones.split(",")
+    specs = re.split(r",(?![^\[]*\])", args.backbones)  # commas inside name[k=v,...] stay
     rows = {}
     for spec in specs:
         torch.manual_seed(0)
@@ -195,14 +206,13 @@ def _sweep_triton(args, device, report, shapes):
     from mambavision.ops import selective_scan_triton as sst
     from mambavision.ops.selective_scan import selective_scan_fn
 
-    saved = sst.BLOCK_D, sst.CHUNK, sst.NUM_WARPS
     rows = {}
-    configs = [tuple(int(v) for v in c.split("x")) for c in args.scan_configs.split(",")]
+    configs = args.scan_configs.split(",")
     try:
         for lab, b, d, l, n in shapes:
             inp = make_inputs(l, device, torch.bfloat16, batch=b, dim=d, dstate=n)
             for cfg in configs:
-                sst.BLOCK_D, sst.CHUNK, sst.NUM_WARPS = cfg
+                sst.LAUNCH = tuple(int(v) for v in cfg.split("x"))
 
                 def fwd():
                     with torch.no_grad():
@@ -214,11 +224,11 @@ def _sweep_triton(args, device, report, shapes):
 
                 rows[f"{lab} | {cfg}"] = (_time_ms(fwd, device, 3, 20), _time_ms(both, device, 3, 20))
     finally:
-        sst.BLOCK_D, sst.CHUNK, sst.NUM_WARPS = saved
+        sst.LAUNCH = None
     lines = ["Triton scan launch configurations, bf16, median ms forward / forward + backward", "",
              "| channels x chunk x warps | " + " | ".join(s[0] for s in shapes) + " |", "|---|" + "---|" * len(shapes)]
     for cfg in configs:
-        lines.append(f"| {'x'.join(map(str, cfg))} | " + " | ".join(
+        lines.append(f"| {cfg} | " + " | ".join(
             "{:.3f} / {:.3f}".format(*rows[f"{s[0]} | {cfg}"]) for s in shapes) + " |")
     report.add("scan_configs", {k: list(v) for k, v in rows.items()}, lines)
 
@@ -246,54 +256,61 @@ def _tiny_opts():
             "dino.head_hidden_dim=128", "ibot.head_hidden_dim=128"]
 
 
-def bench_step(args, device, report, peak):
-    from dino import distributed
+def _step_row(args, device, peak, arch, mode):
+    """One DINOv2 step configuration: time, FLOPs, MFU, memory, and whether the losses stayed finite."""
     from dino.configs import build_config
     from dino.train.ssl_meta_arch import SSLMetaArch
     from dino.train.train import build_optimizer, optimizer_step
     from dino.utils.precision import configure_tf32
     from dino.utils.throughput import count_step_flops
 
+    opts = PRECISIONS[mode] + [f"train.batch_size_per_gpu={args.step_batch}"]
+    cfg = build_config(os.path.join(REPO, "configs", "train", f"{arch}.yaml"), opts + (_tiny_opts() if args.tiny else []))
+    configure_tf32(cfg.compute_precision.tf32)
+    torch.manual_seed(0)
+    model = SSLMetaArch(cfg)
+    model.prepare_for_distributed_training(device)
+    model.train()
+    opt = build_optimizer(cfg, model.get_params_groups())
+    for g in opt.param_groups:
+        g["lr"], g["weight_decay"] = 1e-4, 0.04
+    batch = _synthetic_batch(cfg)
+    if device.type == "cuda":
+        batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+    losses = []
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        ld = model.forward_backward(batch, teacher_temp=0.06)
+        optimizer_step(cfg, model, opt, model.fp16_scaler)  # as the trainer: unscale, clip, step
+        model.update_teacher(0.994)
+        losses.append(sum(v.float() for v in ld.values()))
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    flops = count_step_flops(cfg, batch)
+    ms = _time_ms(step, device, args.warmup, args.steps)
+    ips = cfg.train.batch_size_per_gpu / (ms / 1e3)
+    fpi = flops / cfg.train.batch_size_per_gpu
+    return dict(s_per_it=ms / 1e3, images_per_sec=ips, gflop_per_image=fpi / 1e9,
+                tflops=fpi * ips / 1e12, mfu=(fpi * ips / 1e12 / peak) if peak else None,
+                peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                finite=bool(torch.isfinite(torch.stack(losses)).all()), first_loss=losses[0].item(),
+                last_loss=losses[-1].item())
+
+
+def bench_step(args, device, report, peak):
+    from dino import distributed
+
     distributed.enable(use_cuda=device.type == "cuda")  # one-rank FSDP2 on CUDA, as the trainer runs
     rows = {}
     for arch in args.archs.split(","):
         for mode in args.precisions.split(","):
-            opts = PRECISIONS[mode] + [f"train.batch_size_per_gpu={args.step_batch}"]
-            cfg = build_config(os.path.join(REPO, "configs", "train", f"{arch}.yaml"),
-                               opts + (_tiny_opts() if args.tiny else []))
-            configure_tf32(cfg.compute_precision.tf32)
-            torch.manual_seed(0)
-            model = SSLMetaArch(cfg)
-            model.prepare_for_distributed_training(device)
-            model.train()
-            opt = build_optimizer(cfg, model.get_params_groups())
-            for g in opt.param_groups:
-                g["lr"], g["weight_decay"] = 1e-4, 0.04
-            batch = _synthetic_batch(cfg)
-            if device.type == "cuda":
-                batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
-            losses = []
-
-            def step():
-                opt.zero_grad(set_to_none=True)
-                ld = model.forward_backward(batch, teacher_temp=0.06)
-                optimizer_step(cfg, model, opt, model.fp16_scaler)  # as the trainer: unscale, clip, step
-                model.update_teacher(0.994)
-                losses.append(sum(v.float() for v in ld.values()))
-
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            flops = count_step_flops(cfg, batch)
-            ms = _time_ms(step, device, args.warmup, args.steps)
-            ips = cfg.train.batch_size_per_gpu / (ms / 1e3)
-            fpi = flops / cfg.train.batch_size_per_gpu
-            rows[f"{arch} | {mode}"] = dict(
-                s_per_it=ms / 1e3, images_per_sec=ips, gflop_per_image=fpi / 1e9,
-                tflops=fpi * ips / 1e12, mfu=(fpi * ips / 1e12 / peak) if peak else None,
-                peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-                finite=bool(torch.isfinite(torch.stack(losses)).all()))
+            # a mode may name a scan backend, as in bf16+compile[scan=triton]
+            base_mode, scan = re.fullmatch(r"([\w+-]+)(?:\[scan=(\w+)\])?", mode).groups()
+            with scan_backend(scan):
+                rows[f"{arch} | {mode}"] = _step_row(args, device, peak, arch, base_mode)
             print(f"  {arch} {mode}: {rows[f'{arch} | {mode}']}", flush=True)
-            model = opt = None  # free the GPU memory before the next configuration
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     lines = [f"DINOv2 step, paper config, batch {args.step_batch} per GPU, one GPU (one-rank FSDP2), synthetic "
@@ -355,8 +372,8 @@ def bench_profile(args, device, report):
     rows, lines = {}, []
     batch = 8 if args.tiny else 64
     x = torch.randn(batch, 3, 256, 256, device=device)
-    for impl in ("fft", "dft"):
-        model, _ = build_backbone(f"mv_hybrid[einfft={impl}]", args.tiny)
+    for spec in re.split(r",(?![^\[]*\])", args.profile):
+        model, scan = build_backbone(spec, args.tiny)
         model = model.to(device).train()
 
         def step():
@@ -364,13 +381,14 @@ def bench_profile(args, device, report):
                 out = model.forward_features(x)
                 (out["x_norm_clstoken"].float().mean() + out["x_norm_patchtokens"].float().mean()).backward()
 
-        for _ in range(3):
-            step()
-        sync(device)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with scan_backend(scan):
             for _ in range(3):
                 step()
-            sync(device)
+            wall_ms = _time_ms(step, device, 1, 5)  # the step as a user sees it, launch gaps included
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    step()
+                sync(device)
         cats = {}
         total = 0.0
         for ev in prof.key_averages():
@@ -381,19 +399,22 @@ def bench_profile(args, device, report):
                 continue  # kernels only (CPU-side ops also carry device time totals)
             cats[_category(ev.key)] = cats.get(_category(ev.key), 0.0) + t
             total += t
-        rows[impl] = {"ms_per_step": total / 3 / 1e3, **{k: v / total for k, v in cats.items()}}
+        rows[spec] = {"ms_per_step": total / 3 / 1e3, "wall_ms_per_step": wall_ms,
+                      **{k: v / total for k, v in cats.items()}}
         top = sorted(((getattr(e, "self_device_time_total", 0.0), e.key) for e in prof.key_averages()
                       if not e.key.startswith("aten::")), reverse=True)[:8]
-        rows[impl]["top_kernels"] = [(k[:90], t / 3 / 1e3) for t, k in top]
+        rows[spec]["top_kernels"] = [(k[:90], t / 3 / 1e3) for t, k in top]
         model = None
-    cats = sorted({c for r in rows.values() for c in r if c not in ("ms_per_step", "top_kernels")})
-    lines = [f"mv_hybrid train step (forward_features + backward, bs {batch}, 256 px, bf16 autocast): GPU kernel time "
-             "by category (torch.profiler)", "", "| category | " + " | ".join(f"EinFFT {i}" for i in rows) + " |",
+    skip = ("ms_per_step", "wall_ms_per_step", "top_kernels")
+    cats = sorted({c for r in rows.values() for c in r if c not in skip})
+    lines = [f"Train step (forward_features + backward, bs {batch}, 256 px, bf16 autocast): GPU kernel time "
+             "by category (torch.profiler), and the step's wall time", "", "| category | " + " | ".join(rows) + " |",
              "|---|" + "---|" * len(rows)]
     lines += [f"| {c} | " + " | ".join(f"{100 * r.get(c, 0):.1f}%" for r in rows.values()) + " |" for c in cats]
     lines.append("| **kernel ms / step** | " + " | ".join(f"{r['ms_per_step']:.1f}" for r in rows.values()) + " |")
-    for impl, r in rows.items():
-        lines += ["", f"Top kernels, EinFFT {impl} (ms / step):"] + [f"- {t:.2f} ms  `{k}`" for k, t in r["top_kernels"]]
+    lines.append("| **wall ms / step** | " + " | ".join(f"{r['wall_ms_per_step']:.1f}" for r in rows.values()) + " |")
+    for spec, r in rows.items():
+        lines += ["", f"Top kernels, {spec} (ms / step):"] + [f"- {t:.2f} ms  `{k}`" for k, t in r["top_kernels"]]
     report.add("profile", rows, lines)
 
 
@@ -426,8 +447,10 @@ def main(argv=None):
     p.add_argument("--precisions", default=",".join(PRECISIONS), help=f"subset of {list(PRECISIONS)}")
     p.add_argument("--step-batch", type=int, default=64, help="batch per GPU for step and loader (paper: 64)")
     p.add_argument("--workers", default="8,15", help="loader worker counts")
-    p.add_argument("--scan-configs", default="16x64x4,16x64x8,32x64x4,32x64x8,8x64x4,16x32x4,16x128x8,32x32x4",
+    p.add_argument("--scan-configs", default="2x32x2,2x32x4,4x32x4,4x16x4,2x64x2,2x64x4,4x64x4,8x16x4,8x32x4",
                    help="Triton scan launch configurations to sweep (channels x chunk x warps); '' to skip")
+    p.add_argument("--profile", default="mv_hybrid[einfft=fft],mv_hybrid,mv_hybrid[scan=triton,compile=model],vit_12",
+                   help="backbone specs (as in --backbones) whose train step the profile section breaks down")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny models and batches (CPU smoke run)")

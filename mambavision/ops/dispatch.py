@@ -4,22 +4,25 @@
 backends (``"cuda"`` / ``"triton"``), which are listed in order of preference. ``auto`` takes the
 first one that can run on these tensors, else torch; forcing one that cannot is an error that says why.
 """
-import functools
 import importlib
 import os
 from typing import Callable, Optional, Sequence, Tuple
 
 _IMPORT_ERRORS = {}
+# A plain dict rather than functools.lru_cache: torch.compile traces a lookup in it (the import itself
+# happened when the backend was chosen), where it would break the graph on lru_cache's wrapper.
+_IMPORTED = {}
 
 
-@functools.lru_cache(maxsize=None)
 def optional_import(module: str, attr: str):
     """``module.attr``, or None when it cannot be imported (the reason is kept for error messages)."""
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except Exception as e:  # ImportError, or OSError / undefined symbols from a mismatched CUDA build
-        _IMPORT_ERRORS[module] = f"{type(e).__name__}: {e}"
-        return None
+    if (module, attr) not in _IMPORTED:
+        try:
+            _IMPORTED[module, attr] = getattr(importlib.import_module(module), attr)
+        except Exception as e:  # ImportError, or OSError / undefined symbols from a mismatched CUDA build
+            _IMPORT_ERRORS[module] = f"{type(e).__name__}: {e}"
+            _IMPORTED[module, attr] = None
+    return _IMPORTED[module, attr]
 
 
 def import_error(module: str) -> str:

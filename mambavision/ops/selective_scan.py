@@ -100,28 +100,29 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
-def _resolve_backend(backend: Optional[str], u: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> str:
-    triton_ok = ((u.is_cuda or _triton_interpreted()) and u.dtype != torch.float64
-                 and B.dim() > 2 and C.dim() > 2 and triton_scan_available())  # CPU runs never import triton
+@torch.compiler.assume_constant_result
+def _resolve_backend(backend: Optional[str], device_type: str, dtype: torch.dtype, time_varying_bc: bool) -> str:
+    # Plain arguments, no tensors: under torch.compile the choice is made once at trace time, as a constant.
+    on_cuda = device_type == "cuda"
+    triton_ok = ((on_cuda or _triton_interpreted()) and dtype != torch.float64
+                 and time_varying_bc and triton_scan_available())  # CPU runs never import triton
 
     def triton_why_not():
         if not triton_scan_available():
             return f"triton does not import ({import_error('mambavision.ops.selective_scan_triton')})"
-        if not (u.is_cuda or _triton_interpreted()):
-            return f"it needs CUDA tensors (or TRITON_INTERPRET=1), got u on {u.device}"
+        if not (on_cuda or _triton_interpreted()):
+            return f"it needs CUDA tensors (or TRITON_INTERPRET=1), got u on {device_type}"
         return "it supports fp32/bf16/fp16 inputs with time-varying B and C (batch, [groups,] dstate, length)"
 
     return choose_backend(
         "selective-scan", backend, BACKEND_ENV,
-        [("cuda", u.is_cuda and mamba_ssm_available(),
+        [("cuda", on_cuda and mamba_ssm_available(),
           lambda: ("it needs mamba-ssm (pip install mamba-ssm), which does not import" if not mamba_ssm_available()
-                   else f"it needs CUDA tensors, got u on {u.device}")),
+                   else f"it needs CUDA tensors, got u on {device_type}")),
          ("triton", triton_ok, triton_why_not)],
     )
 
 
-# Custom kernels (mamba-ssm's extension, our Triton kernel) are opaque to torch.compile: a clean graph break.
-@torch.compiler.disable
 def selective_scan_fn(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
     *, backend: Optional[str] = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -143,19 +144,32 @@ def selective_scan_fn(
 
     Returns:
         ``out`` (batch, dim, length) in ``u``'s dtype, or ``(out, last_state)``.
+
+    Under ``torch.compile`` the Triton backend is traced (its kernels are custom ops), so the graph
+    runs through the scan; mamba-ssm's extension and the chunked PyTorch scan are a graph break.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    choice = _resolve_backend(backend, u, B, C)
+    choice = _resolve_backend(backend, u.device.type, u.dtype, B.dim() > 2 and C.dim() > 2)
     if choice == "cuda":
-        return _mamba_ssm_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return _cuda_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if choice == "triton":  # fused: bias, softplus, D and the gate in the kernel, inputs in their dtype
+        B, C = _match_groups(B, C)
+        out, last_state = _triton_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return (out, last_state) if return_last_state else out
+    return _torch_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size)
+
+
+@torch.compiler.disable  # an opaque extension: a clean graph break
+def _cuda_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    return _mamba_ssm_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+@torch.compiler.disable  # a Python loop over chunks: nothing for the compiler to fuse
+def _torch_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size):
     # The scan decides its own precision; autocast must not push its products to bf16.
     with autocast_off(u.device.type):
-        if choice == "triton":  # fused: bias, softplus, D and the gate in the kernel, inputs in their dtype
-            B, C = _match_groups(B, C)
-            out, last_state = _triton_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-            return (out, last_state) if return_last_state else out
         ct = _compute_dtype(u)
         delta = _prepare_delta(delta.to(ct), delta_bias, delta_softplus)
         A, B, C = A.to(ct), B.to(ct), C.to(ct)

@@ -28,16 +28,22 @@ atomics once per program, so they are not bit-reproducible from run to run.
 Needs ``triton``. With ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run on
 CPU tensors through Triton's interpreter, which is how the CPU test suite checks them.
 """
+from typing import List, Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
 
-# Launch configuration (module globals, read at each launch, so benchmarks/bench_gpu.py can sweep them).
-# Defaults from the sweep in docs/performance.md (H200, bf16): 16 x 32 x 4 was fastest fwd+bwd at MV_Hybrid's
-# 112-px and Vim's shapes and within 1% of the best at MV_Hybrid's 256-px shape.
-CHUNK = 32  # time steps per chunk: a power of two (the scan's width); 257 tokens -> 9 chunks
-BLOCK_D = 16  # channels per program (at most; it must divide the channels of one B/C group)
-NUM_WARPS = 4
+# Launch configuration (channels per program, chunk length, warps), from the sweep in docs/performance.md
+# (H200, bf16, fwd + bwd): 2 x 32 x 2 was fastest at L = 257 (MV_Hybrid and Vim at 256 px), one 64-step chunk
+# (2 x 64 x 4) at L = 50 (112 px). The chunk length is a power of two (the scan's width); the channels per
+# program at most BD, and they must divide a B/C group's channels. LAUNCH, when set, replaces the rule
+# (benchmarks/bench_gpu.py sweeps it).
+LAUNCH = None
+
+
+def _config(length: int):
+    return LAUNCH or ((2, 64, 4) if length <= 64 else (2, 32, 2))
 
 
 @triton.jit
@@ -52,12 +58,6 @@ def _softplus(x):
     e = tl.exp(-tl.abs(x))
     lp = tl.where(e < 1e-2, e * (1.0 - e * (0.5 - e / 3.0)), tl.log(1.0 + e))
     return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + lp)
-
-
-@triton.jit
-def _column(tile, offs, j):
-    # tile[:, j] of a register tile, j a runtime index.
-    return tl.sum(tl.where(offs[None, :] == j, tile, 0.0), axis=1)
 
 
 @triton.jit
@@ -80,6 +80,15 @@ def _delta(dt_ptr, bias, ptr, m2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr
     return tl.where(m2, dt, 0.0), raw
 
 
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _last(x, offs_t, j):
+    # x[..., j] of a (BD, BN, T) register tile, j a compile-time or runtime index.
+    return tl.sum(tl.where(offs_t[None, None, :] == j, x, 0.0), axis=2)
+
+
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, ckpt_ptr,
@@ -87,20 +96,22 @@ def _scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     T: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):
-    pid_b = tl.program_id(0).to(tl.int64)  # batch offsets can pass 2**31 elements
+    pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BD + tl.arange(0, BD)
     offs_t = tl.arange(0, T)
     offs_n = tl.arange(0, BN)
     mask_d = offs_d < D
-    mask_dn = mask_d[:, None] & (offs_n < N)[None, :]
-    row = pid_b * D * L + offs_d[:, None] * L  # u, delta, z, out: contiguous (b, d, l)
-    bc_row = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L  # B, C: (b, g, n, l)
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    row = pid_b * D * L + offs_d[:, None] * L
+    bc_row = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L
     state = offs_d[:, None] * N + offs_n[None, :]
     Dv = _per_channel(D_ptr, offs_d, mask_d, HAS_D, BD)
     bias = _per_channel(bias_ptr, offs_d, mask_d, HAS_BIAS, BD)
+    A2 = tl.load(A_ptr + state, mask=mask_dn, other=0.0).to(tl.float32) * LOG2E  # exp(x A) = exp2(x A log2 e)
 
-    carry = tl.zeros([BD, BN], dtype=tl.float32)  # the state entering the chunk
+    carry = tl.zeros([BD, BN], dtype=tl.float32)
     for c in range(0, n_chunks):
         t = c * T + offs_t
         mask_t = t < L
@@ -108,17 +119,16 @@ def _scan_fwd_kernel(
         ptr = row + t[None, :]
         tl.store(ckpt_ptr + (pid_b * n_chunks + c) * D * N + state, carry, mask=mask_dn)
         u = tl.load(u_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
-        dt, _ = _delta(dt_ptr, bias, ptr, m2, HAS_BIAS, SOFTPLUS)  # 0 past L: decay 1, input 0
-        w = dt * u
-        y = Dv[:, None] * u
-        for n in range(0, N):
-            A_n = tl.load(A_ptr + offs_d * N + n, mask=mask_d, other=0.0).to(tl.float32)
-            B_n = tl.load(B_ptr + bc_row + n * L + t, mask=mask_t, other=0.0).to(tl.float32)
-            C_n = tl.load(C_ptr + bc_row + n * L + t, mask=mask_t, other=0.0).to(tl.float32)
-            decay, h = tl.associative_scan((tl.exp(dt * A_n[:, None]), w * B_n[None, :]), 1, _affine)
-            h += decay * _column(carry, offs_n, n)[:, None]
-            y += h * C_n[None, :]
-            carry = tl.where(offs_n[None, :] == n, _column(h, offs_t, T - 1)[:, None], carry)
+        dt, _ = _delta(dt_ptr, bias, ptr, m2, HAS_BIAS, SOFTPLUS)
+        bc = bc_row + offs_n[:, None] * L + t[None, :]
+        m_nt = mask_n[:, None] & mask_t[None, :]
+        Bt = tl.load(B_ptr + bc, mask=m_nt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + bc, mask=m_nt, other=0.0).to(tl.float32)
+        decay, h = tl.associative_scan(
+            (tl.exp2(dt[:, None, :] * A2[:, :, None]), (dt * u)[:, None, :] * Bt[None, :, :]), 2, _affine)
+        h += decay * carry[:, :, None]
+        y = tl.sum(h * Ct[None, :, :], axis=1) + Dv[:, None] * u
+        carry = _last(h, offs_t, T - 1)
         if HAS_Z:
             z = tl.load(z_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
             y = y * z * tl.sigmoid(z)
@@ -140,15 +150,18 @@ def _scan_bwd_kernel(
     offs_t = tl.arange(0, T)
     offs_n = tl.arange(0, BN)
     mask_d = offs_d < D
-    mask_dn = mask_d[:, None] & (offs_n < N)[None, :]
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
     row = pid_b * D * L + offs_d[:, None] * L
     bc_row = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L
     state = offs_d[:, None] * N + offs_n[None, :]
-    part_row = (pid_b * n_dblocks + pid_d) * N * L  # this program's partial sums of dB, dC: (b, d-blocks, n, l)
+    part_row = (pid_b * n_dblocks + pid_d) * N * L
     Dv = _per_channel(D_ptr, offs_d, mask_d, HAS_D, BD)
     bias = _per_channel(bias_ptr, offs_d, mask_d, HAS_BIAS, BD)
+    A = tl.load(A_ptr + state, mask=mask_dn, other=0.0).to(tl.float32)
+    A2 = A * LOG2E
 
-    g_carry = tl.load(dlast_ptr + pid_b * D * N + state, mask=mask_dn, other=0.0).to(tl.float32)  # dL/dh after the chunk
+    g_carry = tl.load(dlast_ptr + pid_b * D * N + state, mask=mask_dn, other=0.0).to(tl.float32)
     dA = tl.zeros([BD, BN], dtype=tl.float32)
     dD = tl.zeros([BD], dtype=tl.float32)
     dbias = tl.zeros([BD], dtype=tl.float32)
@@ -161,7 +174,7 @@ def _scan_bwd_kernel(
         u = tl.load(u_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
         dt, raw = _delta(dt_ptr, bias, ptr, m2, HAS_BIAS, SOFTPLUS)
         m2_next = mask_d[:, None] & (t + 1 < L)[None, :]
-        dt_next, _ = _delta(dt_ptr, bias, ptr + 1, m2_next, HAS_BIAS, SOFTPLUS)  # 0 at L-1: the adjoint's decay is 1
+        dt_next, _ = _delta(dt_ptr, bias, ptr + 1, m2_next, HAS_BIAS, SOFTPLUS)
         dout = tl.load(dout_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
         dy = dout
         if HAS_Z:
@@ -169,29 +182,25 @@ def _scan_bwd_kernel(
             sz = tl.sigmoid(z)
             dy = dout * z * sz
         h_start = tl.load(ckpt_ptr + (pid_b * n_chunks + c) * D * N + state, mask=mask_dn, other=0.0)
+        bc = bc_row + offs_n[:, None] * L + t[None, :]
+        m_nt = mask_n[:, None] & mask_t[None, :]
+        Bt = tl.load(B_ptr + bc, mask=m_nt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + bc, mask=m_nt, other=0.0).to(tl.float32)
         w = dt * u
-        dw = tl.zeros([BD, T], dtype=tl.float32)  # dL/d(delta u) summed over the states
-        ddt_decay = tl.zeros([BD, T], dtype=tl.float32)  # dL/d(delta) through the decay
-        y = Dv[:, None] * u  # the pre-gate output, for dz
-        for n in range(0, N):
-            A_n = tl.load(A_ptr + offs_d * N + n, mask=mask_d, other=0.0).to(tl.float32)
-            B_n = tl.load(B_ptr + bc_row + n * L + t, mask=mask_t, other=0.0).to(tl.float32)
-            C_n = tl.load(C_ptr + bc_row + n * L + t, mask=mask_t, other=0.0).to(tl.float32)
-            inp = w * B_n[None, :]
-            decay, h = tl.associative_scan((tl.exp(dt * A_n[:, None]), inp), 1, _affine)
-            h += decay * _column(h_start, offs_n, n)[:, None]
-            pdecay, g = tl.associative_scan((tl.exp(dt_next * A_n[:, None]), dy * C_n[None, :]), 1, _affine,
-                                            reverse=True)
-            g += pdecay * _column(g_carry, offs_n, n)[:, None]
-            tl.store(dC_ptr + part_row + n * L + t, tl.sum(h * dy, axis=0), mask=mask_t)
-            tl.store(dB_ptr + part_row + n * L + t, tl.sum(g * w, axis=0), mask=mask_t)
-            dw += g * B_n[None, :]
-            dlog = g * (h - inp)  # g_t * exp(delta_t A) h_{t-1}
-            ddt_decay += dlog * A_n[:, None]
-            dA = tl.where(offs_n[None, :] == n, dA + tl.sum(dlog * dt, axis=1)[:, None], dA)
-            y += h * C_n[None, :]
-            g_carry = tl.where(offs_n[None, :] == n, _column(g, offs_t, 0)[:, None], g_carry)
-        ddt = ddt_decay + dw * u
+        inp = w[:, None, :] * Bt[None, :, :]
+        decay, h = tl.associative_scan((tl.exp2(dt[:, None, :] * A2[:, :, None]), inp), 2, _affine)
+        h += decay * h_start[:, :, None]
+        pdecay, g = tl.associative_scan(
+            (tl.exp2(dt_next[:, None, :] * A2[:, :, None]), dy[:, None, :] * Ct[None, :, :]), 2, _affine, reverse=True)
+        g += pdecay * g_carry[:, :, None]
+        tl.store(dC_ptr + part_row + bc - bc_row, tl.sum(h * dy[:, None, :], axis=0), mask=m_nt)
+        tl.store(dB_ptr + part_row + bc - bc_row, tl.sum(g * w[:, None, :], axis=0), mask=m_nt)
+        dw = tl.sum(g * Bt[None, :, :], axis=1)
+        dlog = g * (h - inp)  # g_t * exp(delta_t A) h_{t-1}
+        ddt = tl.sum(dlog * A[:, :, None], axis=1) + dw * u
+        dA += tl.sum(dlog * dt[:, None, :], axis=2)
+        y = tl.sum(h * Ct[None, :, :], axis=1) + Dv[:, None] * u
+        g_carry = _last(g, offs_t, 0)
         du = dw * dt + Dv[:, None] * dy
         if HAS_D:
             dD += tl.sum(dy * u, axis=1)
@@ -212,9 +221,8 @@ def _scan_bwd_kernel(
         tl.atomic_add(dbias_ptr + offs_d, dbias, mask=mask_d)
 
 
-def _block_d(chans_per_group: int) -> int:
-    """The largest power of two up to BLOCK_D that divides a group's channels (a program stays in one group)."""
-    bd = BLOCK_D
+def _block_d(chans_per_group: int, bd: int) -> int:
+    """The largest power of two up to ``bd`` that divides a group's channels (a program stays in one group)."""
     while chans_per_group % bd:
         bd //= 2
     return bd
@@ -224,76 +232,107 @@ def _launch(u, A, B):
     b, d, l = u.shape
     n, groups = A.shape[1], B.shape[1]
     cpg = d // groups
-    bd = _block_d(cpg)
-    meta = dict(T=CHUNK, BD=bd, BN=max(triton.next_power_of_2(n), 2), num_warps=NUM_WARPS)
-    return (b, triton.cdiv(d, bd)), triton.cdiv(l, CHUNK), cpg, meta
+    bd, chunk, warps = _config(l)
+    bd = _block_d(cpg, bd)
+    meta = dict(T=chunk, BD=bd, BN=max(triton.next_power_of_2(n), 2), num_warps=warps)
+    return (b, triton.cdiv(d, bd)), triton.cdiv(l, chunk), cpg, meta
 
 
-class TritonScan(torch.autograd.Function):
-    """``(out, last_state) = TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)``.
+# The kernels are registered as PyTorch custom ops (forward, backward, and the autograd rule joining them), so
+# torch.compile traces a model through the scan instead of breaking its graph there, and fuses the work around it.
+@torch.library.custom_op("mambavision::selective_scan_triton_fwd", mutates_args=())
+def _fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+            D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+            delta_softplus: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    u, delta, B, C, A = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous(), A.contiguous()
+    z = z.contiguous() if z is not None else None
+    out, last, ckpt = _fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    grid, n_chunks, cpg, meta = _launch(u, A, B)
+    dummy = u.new_empty(1, dtype=torch.float32)
+    opt = lambda t: t if t is not None else dummy  # noqa: E731
+    _scan_fwd_kernel[grid](
+        u, delta, A, B, C, opt(D), opt(z), opt(delta_bias), out, last, ckpt,
+        u.shape[2], u.shape[1], A.shape[1], cpg, n_chunks,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, **meta,
+    )
+    return out, last, ckpt
+
+
+@_fwd_op.register_fake
+def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    b, d, l = u.shape
+    n = A.shape[1]
+    f32 = dict(dtype=torch.float32)
+    n_chunks = triton.cdiv(l, _config(l)[1])
+    # out, the last state, and the state entering every chunk (what the backward restarts from)
+    return (u.new_empty((b, d, l)), u.new_empty((b, d, n), **f32), u.new_empty((b, n_chunks, d, n), **f32))
+
+
+@torch.library.custom_op("mambavision::selective_scan_triton_bwd", mutates_args=())
+def _bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+            D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+            ckpt: torch.Tensor, dout: torch.Tensor, dlast: torch.Tensor, delta_softplus: bool) -> List[torch.Tensor]:
+    u, delta, B, C, A = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous(), A.contiguous()
+    z = z.contiguous() if z is not None else None
+    b, d, l = u.shape
+    n, groups = A.shape[1], B.shape[1]
+    grid, n_chunks, cpg, meta = _launch(u, A, B)
+    dout, dlast = dout.contiguous(), dlast.to(torch.float32).contiguous()
+    f32 = dict(dtype=torch.float32)
+    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else None
+    dA = torch.zeros_like(A, **f32)
+    # Per-program partial sums over its channels (no atomics: deterministic, no contention), reduced below.
+    dB_part = u.new_empty((b, grid[1], n, l), **f32)
+    dC_part = u.new_empty((b, grid[1], n, l), **f32)
+    dD = torch.zeros_like(D, **f32) if D is not None else None
+    dbias = torch.zeros_like(delta_bias, **f32) if delta_bias is not None else None
+    dummy = u.new_empty(1, dtype=torch.float32)
+    opt = lambda t: t if t is not None else dummy  # noqa: E731
+    _scan_bwd_kernel[grid](
+        u, delta, A, B, C, opt(D), opt(z), opt(delta_bias), dout, dlast, ckpt,
+        du, ddelta, dA, dB_part, dC_part, opt(dD), opt(dz), opt(dbias),
+        l, d, n, cpg, n_chunks, grid[1],
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, **meta,
+    )
+    dB = dB_part.view(b, groups, grid[1] // groups, n, l).sum(2)
+    dC = dC_part.view(b, groups, grid[1] // groups, n, l).sum(2)
+    # A custom op cannot return None: an absent input's gradient is an empty tensor, dropped in _backward.
+    cast = lambda g, like: g.to(like.dtype) if like is not None else u.new_empty(0)  # noqa: E731
+    return [du, ddelta, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), dz if z is not None else u.new_empty(0),
+            cast(dbias, delta_bias)]
+
+
+@_bwd_op.register_fake
+def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, ckpt, dout, dlast, delta_softplus):
+    like = lambda t: torch.empty_like(t) if t is not None else u.new_empty(0)  # noqa: E731
+    return [like(u), like(delta), like(A), like(B), like(C), like(D), like(z), like(delta_bias)]
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+    ctx.delta_softplus = delta_softplus
+    ctx.mark_non_differentiable(output[2])
+
+
+def _backward(ctx, dout, dlast, _dckpt):
+    u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+    # autograd materialises an unused output's gradient as zeros, so neither is None here
+    grads = _bwd_op(u, delta, A, B, C, D, z, delta_bias, ckpt, dout, dlast, ctx.delta_softplus)
+    present = (u, delta, A, B, C, D, z, delta_bias)
+    return (*[g if x is not None else None for g, x in zip(grads, present)], None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """``(out, last_state)`` of the fused selective scan on the Triton kernels.
 
     u, delta, z: (b, d, l), any of fp32/bf16/fp16; A: (d, n); B, C: (b, g, n, l) with g dividing d;
     D, delta_bias: (d,) or None; z may be None. Returns ``out`` in u's dtype and the last state
     (b, d, n) in fp32. Gradients come back in each input's dtype.
     """
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        u, delta, B, C = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
-        A = A.contiguous()
-        z = z.contiguous() if z is not None else None
-        b, d, l = u.shape
-        n = A.shape[1]
-        grid, n_chunks, cpg, meta = _launch(u, A, B)
-        out = torch.empty_like(u)
-        last = u.new_empty((b, d, n), dtype=torch.float32)
-        ckpt = u.new_empty((b, n_chunks, d, n), dtype=torch.float32)
-        dummy = u.new_empty(1, dtype=torch.float32)
-        _scan_fwd_kernel[grid](
-            u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-            delta_bias if delta_bias is not None else dummy, out, last, ckpt,
-            l, d, n, cpg, n_chunks,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(delta_softplus), **meta,
-        )
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
-        ctx.delta_softplus = bool(delta_softplus)
-        return out, last
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
-        b, d, l = u.shape
-        n = A.shape[1]
-        grid, n_chunks, cpg, meta = _launch(u, A, B)
-        # autograd materialises an unused output's gradient as zeros, so neither is None here
-        dout, dlast = dout.contiguous(), dlast.to(torch.float32).contiguous()
-        f32 = dict(dtype=torch.float32)
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-        dz = torch.empty_like(z) if z is not None else None
-        dA = torch.zeros_like(A, **f32)
-        # Per-program partial sums over its channels (no atomics: deterministic, no contention), reduced below.
-        dB_part = u.new_empty((b, grid[1], n, l), **f32)
-        dC_part = u.new_empty((b, grid[1], n, l), **f32)
-        dD = torch.zeros_like(D, **f32) if D is not None else None
-        dbias = torch.zeros_like(delta_bias, **f32) if delta_bias is not None else None
-        dummy = u.new_empty(1, dtype=torch.float32)
-        opt = lambda t: t if t is not None else dummy  # noqa: E731
-        _scan_bwd_kernel[grid](
-            u, delta, A, B, C, opt(D), opt(z), opt(delta_bias), dout, dlast, ckpt,
-            du, ddelta, dA, dB_part, dC_part, opt(dD), opt(dz), opt(dbias),
-            l, d, n, cpg, n_chunks, grid[1],
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=ctx.delta_softplus, **meta,
-        )
-        groups = B.shape[1]
-        dB = dB_part.view(b, groups, grid[1] // groups, n, l).sum(2)
-        dC = dC_part.view(b, groups, grid[1] // groups, n, l).sum(2)
-        cast = lambda g, like: g.to(like.dtype) if g is not None else None  # noqa: E731
-        return (du, ddelta, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), dz, cast(dbias, delta_bias), None)
-
-
-def triton_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The fused selective scan on the Triton kernels; see :class:`TritonScan` for the shapes."""
-    return TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    out, last, _ = _fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+    return out, last

@@ -14,11 +14,11 @@ import torch
 
 from mambavision.ops import selective_scan as ss
 from mambavision.ops.selective_scan import selective_scan_fn
-from triton_scan_check import SHAPES, case_id, errors, inputs
+from triton_scan_check import COMPILED, LAUNCHED, SHAPES, case_id, errors, inputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-CASES = [case_id(s) for s in SHAPES] + [case_id((2, 32, 40, 4, 0), torch.bfloat16)]
+CASES = [case_id(s) for s in SHAPES] + [case_id((2, 32, 40, 4, 0), torch.bfloat16), COMPILED, LAUNCHED]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,8 @@ def test_interpreted_kernel_matches_reference(case, interpreted):
 
 @pytest.mark.parametrize("kernel", ["_scan_fwd_kernel", "_scan_bwd_kernel"], ids=["fwd", "bwd"])
 @pytest.mark.parametrize("act", ["fp32", "bf16"])
-def test_kernels_compile_for_h100(kernel, act):
+@pytest.mark.parametrize("length", [257, 50], ids=["L257", "L50"])
+def test_kernels_compile_for_h100(kernel, act, length):
     """The interpreter does not type-check; compiling to an sm_90 cubin (no GPU needed) does."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
@@ -57,7 +58,8 @@ def test_kernels_compile_for_h100(kernel, act):
     from mambavision.ops import selective_scan_triton as sst
 
     fn = getattr(sst, kernel)
-    consts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, T=sst.CHUNK, BD=sst.BLOCK_D, BN=16)
+    bd, chunk, _ = sst._config(length)  # the launch configurations the models use
+    consts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, T=chunk, BD=bd, BN=16)
     # activations (and their gradients) in `act`; A, D, delta_bias, states and fp32 accumulators in fp32
     fp32_ptrs = {"A_ptr", "D_ptr", "bias_ptr", "last_ptr", "ckpt_ptr", "dlast_ptr", "dA_ptr", "dB_ptr", "dC_ptr",
                  "dD_ptr", "dbias_ptr"}

@@ -19,6 +19,10 @@ SHAPES = [(2, 64, 70, 4, 0), (2, 48, 33, 5, 3), (1, 64, 32, 8, 2), (2, 40, 1, 3,
           (1, 16, 150, 2, 0)]
 
 
+COMPILED = "compiled-fullgraph-b2-d48-l33-n5-g3"
+LAUNCHED = "launch-4x16x4-b2-d64-l70-n4-g2"  # a launch configuration other than the default rule's
+
+
 def case_id(shape, dtype=torch.float32):
     return "b{}-d{}-l{}-n{}-g{}".format(*shape) + ("" if dtype == torch.float32 else "-" + str(dtype).split(".")[-1])
 
@@ -48,9 +52,9 @@ def rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
 
 
-def errors(args, backend="triton", reference=None):
+def errors(args, backend="triton", reference=None, fn=selective_scan_fn):
     """Relative errors of every output and gradient against the reference (default: the per-step loop)."""
-    out, last, grads = run(selective_scan_fn, args, backend=backend)
+    out, last, grads = run(fn, args, backend=backend)
     ref, ref_last, ref_grads = run(selective_scan_ref, args) if reference is None else run(selective_scan_fn, args, backend=reference)
     errs = {"out": rel(out, ref), "last": rel(last, ref_last)}
     errs.update({"d" + k: rel(grads[k], ref_grads[k]) for k in NAMES})
@@ -62,4 +66,11 @@ if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     results = {case_id(s): errors(inputs(*s)) for s in SHAPES}
     results[case_id((2, 32, 40, 4, 0), torch.bfloat16)] = errors(inputs(2, 32, 40, 4, 0, dtype=torch.bfloat16))
+    # Traced by torch.compile in one graph (the kernels are custom ops), forward and backward.
+    compiled = torch.compile(selective_scan_fn, fullgraph=True, backend="aot_eager")
+    results[COMPILED] = errors(inputs(2, 48, 33, 5, 3), fn=compiled)
+    from mambavision.ops import selective_scan_triton as sst
+
+    sst.LAUNCH = (4, 16, 4)  # five 16-step chunks, 4-channel programs
+    results[LAUNCHED] = errors(inputs(2, 64, 70, 4, 2))
     print(json.dumps(results))
