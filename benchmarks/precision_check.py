@@ -93,7 +93,7 @@ def main(argv=None):
     unknown = set(modes) - set(MODES)
     if unknown or len(modes) < 2:
         p.error(f"--modes needs two or more of {list(MODES)}; got {args.modes!r}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip() or "nogit"
     curves = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -103,6 +103,8 @@ def _triton_interpreted() -> bool:
 @torch.compiler.assume_constant_result
 def _resolve_backend(backend: Optional[str], device_type: str, dtype: torch.dtype, time_varying_bc: bool) -> str:
     # Plain arguments, no tensors: under torch.compile the choice is made once at trace time, as a constant.
+    if device_type == "meta":
+        return "torch"  # shapes and FLOPs only (the trainer counts a step's FLOPs on a meta copy): no kernel runs
     on_cuda = device_type == "cuda"
     triton_ok = ((on_cuda or _triton_interpreted()) and dtype != torch.float64
                  and time_varying_bc and triton_scan_available())  # CPU runs never import triton
