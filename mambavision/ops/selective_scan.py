@@ -101,7 +101,8 @@ def _triton_interpreted() -> bool:
 
 
 @torch.compiler.assume_constant_result
-def _resolve_backend(backend: Optional[str], device_type: str, dtype: torch.dtype, time_varying_bc: bool) -> str:
+def _resolve_backend(backend: Optional[str], device_type: str, dtype: torch.dtype, time_varying_bc: bool,
+                     compiling: bool = False) -> str:
     # Plain arguments, no tensors: under torch.compile the choice is made once at trace time, as a constant.
     if device_type == "meta":
         return "torch"  # shapes and FLOPs only (the trainer counts a step's FLOPs on a meta copy): no kernel runs
@@ -116,13 +117,15 @@ def _resolve_backend(backend: Optional[str], device_type: str, dtype: torch.dtyp
             return f"it needs CUDA tensors (or TRITON_INTERPRET=1), got u on {device_type}"
         return "it supports fp32/bf16/fp16 inputs with time-varying B and C (batch, [groups,] dstate, length)"
 
-    return choose_backend(
-        "selective-scan", backend, BACKEND_ENV,
-        [("cuda", on_cuda and mamba_ssm_available(),
-          lambda: ("it needs mamba-ssm (pip install mamba-ssm), which does not import" if not mamba_ssm_available()
-                   else f"it needs CUDA tensors, got u on {device_type}")),
-         ("triton", triton_ok, triton_why_not)],
-    )
+    fast = [("cuda", on_cuda and mamba_ssm_available(),
+             lambda: ("it needs mamba-ssm (pip install mamba-ssm), which does not import" if not mamba_ssm_available()
+                      else f"it needs CUDA tensors, got u on {device_type}")),
+            ("triton", triton_ok, triton_why_not)]
+    if compiling:
+        # Under torch.compile, auto prefers the kernel the compiler can trace through: the compiled mv_hybrid
+        # DINOv2 step ran at 202 images/s with it against 183 with mamba-ssm's graph break (docs/performance.md).
+        fast.reverse()
+    return choose_backend("selective-scan", backend, BACKEND_ENV, fast)
 
 
 def selective_scan_fn(
@@ -148,10 +151,12 @@ def selective_scan_fn(
         ``out`` (batch, dim, length) in ``u``'s dtype, or ``(out, last_state)``.
 
     Under ``torch.compile`` the Triton backend is traced (its kernels are custom ops), so the graph
-    runs through the scan; mamba-ssm's extension and the chunked PyTorch scan are a graph break.
+    runs through the scan, and ``auto`` prefers it to mamba-ssm's extension, which (like the chunked
+    PyTorch scan) is a graph break.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    choice = _resolve_backend(backend, u.device.type, u.dtype, B.dim() > 2 and C.dim() > 2)
+    choice = _resolve_backend(backend, u.device.type, u.dtype, B.dim() > 2 and C.dim() > 2,
+                              torch.compiler.is_compiling())
     if choice == "cuda":
         return _cuda_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if chunk_size < 1:

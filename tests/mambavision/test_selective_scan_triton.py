@@ -102,3 +102,16 @@ def test_cuda_triton_kernel_matches_torch_path(shape, dtype):
     tol = 1e-4 if dtype == torch.float32 else 2e-2  # bf16: outputs rounded to bf16; atomics reorder the sums
     bad = {k: v for k, v in errs.items() if not v < tol}
     assert not bad, bad
+
+
+def test_auto_prefers_the_traceable_kernel_under_compile(monkeypatch):
+    monkeypatch.delenv(ss.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(ss, "mamba_ssm_available", lambda: True)
+    monkeypatch.setattr(ss, "triton_scan_available", lambda: True)
+    assert ss._resolve_backend(None, "cuda", torch.bfloat16, True) == "cuda"  # eager: mamba-ssm's kernel
+    assert ss._resolve_backend(None, "cuda", torch.bfloat16, True, compiling=True) == "triton"
+    assert ss._resolve_backend("cuda", "cuda", torch.bfloat16, True, compiling=True) == "cuda"  # forced stays
+    # constant B/C: our kernel does not take them, so compile falls back to mamba-ssm's
+    assert ss._resolve_backend(None, "cuda", torch.bfloat16, False, compiling=True) == "cuda"
+    # meta tensors (the trainer's FLOP count) never reach a kernel
+    assert ss._resolve_backend("triton", "meta", torch.bfloat16, True) == "torch"
