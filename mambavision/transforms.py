@@ -6,7 +6,7 @@
 """
 from typing import Optional, Sequence
 
-from .card import HE_MEAN, HE_STD, BackboneCard  # noqa: F401  (HE_MEAN/HE_STD re-exported)
+from .card import BackboneCard
 
 
 def eval_transform(img_size: Optional[int] = None, mean: Optional[Sequence[float]] = None,
