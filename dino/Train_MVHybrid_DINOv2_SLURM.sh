@@ -17,8 +17,9 @@
 # Rank, world size and the master address come from SLURM's variables (dino/distributed).
 #
 # Time limit / preemption: SLURM signals this shell with USR1 120 s before the end
-# (--signal=B:USR1@120). The shell forwards USR1 to the training tasks through srun, waits
-# while the trainer writes its checkpoint and exits, then requeues the job (--requeue).
+# (--signal=B:USR1@120). The shell forwards USR1 to the training tasks through srun; the trainer
+# writes its checkpoint and then requeues the job itself (--requeue; dino/utils/preemption.py, the
+# same path as submitit's), so a trainer that fails is not requeued.
 # Another backbone: ARCH=vit_12 sbatch --job-name=dinov2-vit_12 dino/Train_MVHybrid_DINOv2_SLURM.sh
 #SBATCH --job-name=mvhybrid-dinov2
 #SBATCH --nodes=3
@@ -54,19 +55,11 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 echo "$(date -Is) job ${SLURM_JOB_ID:-local} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-$(hostname)}: $CONFIG -> $OUTPUT_DIR"
 
 SRUN_PID=""
-checkpoint_and_requeue() {
-    echo "$(date -Is) caught USR1: asking the trainer to checkpoint, then requeueing"
-    if [[ -n "$SRUN_PID" ]]; then
-        kill -USR1 "$SRUN_PID" 2>/dev/null  # srun relays the signal to every task
-        wait "$SRUN_PID"                    # the trainer saves its checkpoint and exits
-        echo "$(date -Is) trainer exited with status $?"
-    fi
-    if [[ -n "${SLURM_JOB_ID:-}" ]]; then
-        scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed"
-    fi
-    exit 0
+forward_to_trainer() {
+    echo "$(date -Is) caught USR1: asking the trainer to checkpoint and requeue the job"
+    [[ -n "$SRUN_PID" ]] && kill -USR1 "$SRUN_PID" 2>/dev/null  # srun relays the signal to every task
 }
-trap checkpoint_and_requeue USR1
+trap forward_to_trainer USR1
 
 # In the background so that the shell can run its USR1 trap while the job step is running.
 srun --kill-on-bad-exit=1 "$PYTHON" -m dino.train \
@@ -75,7 +68,11 @@ srun --kill-on-bad-exit=1 "$PYTHON" -m dino.train \
     "train.dataset_path=$DATASET_PATH" \
     "$@" &
 SRUN_PID=$!
-wait "$SRUN_PID"
-status=$?
+# A trapped signal interrupts `wait` (status > 128): wait again until the job step has really ended.
+while true; do
+    wait "$SRUN_PID"
+    status=$?
+    kill -0 "$SRUN_PID" 2>/dev/null || break
+done
 echo "$(date -Is) training finished with status $status"
 exit "$status"

@@ -30,8 +30,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dino.data.datasets.folder import IMG_EXTENSIONS
-from eval.common import HE_MEAN, HE_STD, LOG, add_common_args, ensure_dir, parse_cli, parse_model_kwargs, save_features_h5, set_seed, write_report
-from mambavision.pretrained import checkpoint_normalization
+from eval.common import LOG, add_common_args, ensure_dir, parse_cli, parse_model_kwargs, save_features_h5, set_seed, write_report
+from mambavision.card import BackboneCard
+from mambavision.pretrained import checkpoint_card, checkpoint_normalization
 
 EMBEDDINGS = ("default", "cls", "mean", "cls+mean")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,12 +41,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ----------------------------------------------------------------------------------------------
 # Model and embedding
 # ----------------------------------------------------------------------------------------------
-def build_model(model_name: str, checkpoint: Optional[str], random_init: bool, model_kwargs: Dict, seed: int = 0):
-    """The backbone in eval mode: ``load_pretrained`` for a checkpoint, ``create_model`` for --random-init."""
+def check_model_name(model_name: str) -> None:
     import mambavision
 
     if model_name not in mambavision.list_models():
         raise ValueError(f"unknown model '{model_name}' (registered: {', '.join(mambavision.list_models())})")
+
+
+def build_model(model_name: str, checkpoint: Optional[str], random_init: bool, model_kwargs: Dict, seed: int = 0):
+    """The backbone in eval mode: ``load_pretrained`` for a checkpoint, ``create_model`` for --random-init."""
+    import mambavision
+
+    check_model_name(model_name)
     if random_init == bool(checkpoint):
         raise ValueError("give exactly one of --checkpoint PATH and --random-init")
     if random_init:
@@ -66,16 +73,24 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def resolve_normalization(checkpoint, mean, std):
+def resolve_card(model_name: str, checkpoint: Optional[str]) -> BackboneCard:
+    """The backbone's card, with the preprocessing the checkpoint records (the trainer stores its card)."""
+    import mambavision
+
+    check_model_name(model_name)
+    return checkpoint_card(checkpoint, model_name) if checkpoint else mambavision.get_card(model_name)
+
+
+def resolve_normalization(checkpoint, mean, std, card: Optional[BackboneCard] = None):
     """The input normalisation: as given, else the one the checkpoint was trained with (the trainer records
-    it), else the paper's H&E statistics; logged, so a mismatch with pretraining is never silent."""
+    it in the card it stores), else the card's default, the paper's H&E statistics; logged, so a mismatch
+    with pretraining is never silent."""
+    card = card or BackboneCard  # the class holds the defaults
     recorded = checkpoint_normalization(checkpoint) if checkpoint else None
-    source = "given" if mean is not None and std is not None else "checkpoint" if recorded else "H&E default"
-    if mean is None:
-        mean = recorded[0] if recorded else HE_MEAN
-    if std is None:
-        std = recorded[1] if recorded else HE_STD
-    if recorded and (tuple(mean), tuple(std)) != recorded:
+    source = "given" if mean is not None and std is not None else "checkpoint" if recorded else card.normalization_source
+    mean = tuple(mean) if mean is not None else recorded[0] if recorded else card.mean
+    std = tuple(std) if std is not None else recorded[1] if recorded else card.std
+    if recorded and (mean, std) != recorded:
         LOG.warning("normalisation mean %s std %s differs from the one %s was trained with (mean %s std %s)",
                     list(mean), list(std), checkpoint, list(recorded[0]), list(recorded[1]))
     LOG.info("normalisation mean %s std %s (%s)", list(mean), list(std), source)
@@ -113,54 +128,53 @@ def check_reusable(path: str, wanted: Dict[str, str]) -> None:
 
 
 def embed(model: torch.nn.Module, x: torch.Tensor, embedding: str) -> torch.Tensor:
-    """One embedding per image: the model's eval ``forward`` (default), or CLS / mean patch / both from
-    ``forward_features`` (any backbone of the contract)."""
-    if embedding == "default":
-        return model(x)
-    out = model.forward_features(x)
-    cls, mean = out["x_norm_clstoken"], out["x_norm_patchtokens"].mean(dim=1)
-    if embedding == "cls":
-        return cls
-    if embedding == "mean":
-        return mean
-    if embedding == "cls+mean":
-        return torch.cat([cls, mean], dim=-1)
-    raise ValueError(f"unknown embedding '{embedding}' (choose from {EMBEDDINGS})")
+    """One embedding per image: the backbone's own pooling (``Backbone.pool``) of ``forward_features``;
+    "default" is the eval pooling its card names (CLS for ViT, CLS + mean patch for MV_Hybrid)."""
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"unknown embedding '{embedding}' (choose from {EMBEDDINGS})")
+    return model.pool(model.forward_features(x), None if embedding == "default" else embedding)
 
 
-def resize_uint8(img: np.ndarray, size: int) -> np.ndarray:
-    """(H,W,3) uint8 -> (size,size,3) uint8 with bicubic resampling (no-op when already that size)."""
+_PIL_RESAMPLING = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+def resize_uint8(img: np.ndarray, size: int, interpolation: str = BackboneCard.interpolation) -> np.ndarray:
+    """(H,W,3) uint8 -> (size,size,3) uint8 with the card's resampling (no-op when already that size)."""
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {img.shape}")
     if img.shape[0] == size and img.shape[1] == size:
         return img
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+    return np.asarray(Image.fromarray(img).resize((size, size), _PIL_RESAMPLING[interpolation]))
 
 
 class Extractor:
-    """Runs a backbone on uint8 RGB batches: resize, scale to [0,1], normalise, embed; returns float32 numpy."""
+    """Runs a backbone on uint8 RGB batches: resize, scale to [0,1], normalise, embed; returns float32 numpy.
+    The size, interpolation, mean and std default to the model's card."""
 
-    def __init__(self, model, embedding="default", img_size=224, mean=HE_MEAN, std=HE_STD, device="cpu", dtype="fp32"):
+    def __init__(self, model, embedding="default", img_size=None, mean=None, std=None, device="cpu", dtype="fp32"):
         self.device = torch.device(device)
         if dtype != "fp32" and self.device.type != "cuda":
             raise ValueError(f"--dtype {dtype} needs a CUDA device; on {self.device.type} features are computed in fp32")
-        patch = int(getattr(model, "patch_size", 1))
+        card = model.card
+        img_size = img_size or card.img_size
+        patch = int(model.patch_size)
         if img_size % patch:
             raise ValueError(f"--img-size {img_size} is not a multiple of the model's patch size {patch}")
         if embedding not in EMBEDDINGS:
             raise ValueError(f"unknown embedding '{embedding}' (choose from {EMBEDDINGS})")
         self.model = model.to(self.device).eval()
         self.embedding, self.img_size, self.dtype = embedding, img_size, DTYPES[dtype]
+        self.interpolation = card.interpolation
         self.provenance: Dict[str, str] = {}  # written into every output h5 (see provenance())
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.mean = torch.tensor(card.mean if mean is None else mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(card.std if std is None else std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
 
     @torch.inference_mode()
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """(B,H,W,3) uint8 (any H,W) -> (B, D) float32 features."""
         if batch.dtype != np.uint8:
             raise ValueError(f"images must be uint8 RGB, got {batch.dtype}")
-        batch = np.stack([resize_uint8(im, self.img_size) for im in batch])
+        batch = np.stack([resize_uint8(im, self.img_size, self.interpolation) for im in batch])
         x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
         x = (x - self.mean) / self.std
         amp = (torch.autocast(device_type="cuda", dtype=self.dtype) if self.dtype != torch.float32
@@ -176,8 +190,8 @@ class Extractor:
 class ImageFiles(Dataset):
     """Decodes image files to uint8 RGB at ``img_size``; unreadable files give ``None`` (skipped and counted)."""
 
-    def __init__(self, paths: Sequence[str], img_size: int):
-        self.paths, self.img_size = list(paths), img_size
+    def __init__(self, paths: Sequence[str], img_size: int, interpolation: str = BackboneCard.interpolation):
+        self.paths, self.img_size, self.interpolation = list(paths), img_size, interpolation
 
     def __len__(self):
         return len(self.paths)
@@ -186,7 +200,7 @@ class ImageFiles(Dataset):
         try:
             with Image.open(self.paths[i]) as im:
                 arr = np.asarray(im.convert("RGB"))
-            return i, resize_uint8(arr, self.img_size), None
+            return i, resize_uint8(arr, self.img_size, self.interpolation), None
         except Exception as err:  # corrupt/truncated/missing file: report, do not abort a long run
             return i, None, f"{self.paths[i]}: {type(err).__name__}: {err}"
 
@@ -228,7 +242,7 @@ def extract_image_table(extractor: Extractor, table: pd.DataFrame, root: str, ou
     from tqdm import tqdm
 
     paths = [p if os.path.isabs(p) else os.path.join(root, p) for p in table["path"].astype(str)]
-    loader = DataLoader(ImageFiles(paths, extractor.img_size), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(ImageFiles(paths, extractor.img_size, extractor.interpolation), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=_collate)
     feats, kept, skipped = [], [], []
     for idx, arr, bad in tqdm(loader, desc=os.path.basename(output), disable=not progress, unit="batch"):
@@ -332,7 +346,7 @@ def extract_wsi(extractor: Extractor, wsi_dir: str, coords_dir: str, out_dir: st
     size = extractor.img_size
 
     def to_uint8(img):
-        return resize_uint8(np.asarray(img.convert("RGB")), size)
+        return resize_uint8(np.asarray(img.convert("RGB")), size, extractor.interpolation)
 
     ds = WSICoordsDataset(wsi_dir, coords_dir, transform=to_uint8)
     ensure_dir(out_dir)
@@ -381,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output .h5 (--images/--csv) or folder (--hest-patches/--wsi)")
     p.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist (default: skip them)")
     pre = p.add_argument_group("preprocessing and runtime")
-    pre.add_argument("--img-size", type=int, default=224, help="resize to this square size (a multiple of the patch size)")
+    pre.add_argument("--img-size", type=int, default=None,
+                     help="resize to this square size, a multiple of the patch size (default: the card's eval size, 224)")
     pre.add_argument("--mean", type=float, nargs=3, default=None,
                      help="normalisation mean (default: what the checkpoint was trained with, else the paper's H&E stats)")
     pre.add_argument("--std", type=float, nargs=3, default=None,
@@ -407,7 +422,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     single_file = sources[0] in ("images", "csv")
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-    args.mean, args.std = resolve_normalization(args.checkpoint, args.mean, args.std)
+    card = resolve_card(args.model, args.checkpoint)  # the checkpoint's card: preprocessing it was trained with
+    args.img_size = args.img_size or card.img_size
+    args.mean, args.std = resolve_normalization(args.checkpoint, args.mean, args.std, card)
     prov = provenance(args.model, args.checkpoint, args.random_init, kwargs, args.embedding, args.img_size, args.mean,
                       args.std, args.dtype, args.seed)
     if single_file and os.path.isdir(args.output):
@@ -421,7 +438,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                  args.output)
         return {"output": args.output, "resumed": True}
     model = build_model(args.model, args.checkpoint, args.random_init, kwargs, args.seed)
-    ext = Extractor(model, args.embedding, args.img_size, tuple(args.mean), tuple(args.std), args.device, args.dtype)
+    ext = Extractor(model, args.embedding, args.img_size, args.mean, args.std, args.device, args.dtype)
     ext.provenance = prov
     progress = not args.no_progress
     if args.images:

@@ -12,9 +12,9 @@ A complex-init SSM (S4D-Lin, ``A_n = -1/2 + i pi n``) is used with conjugate pai
 kernel is ``2 Re K``; a real-init kernel is ``K`` itself. Metrics are computed on ``|rfft(kernel)|``
 over ``w in [0, pi]``: low-frequency energy fraction, spectral centroid, total variation.
 
-The model scan finds every module with an ``A_log`` parameter and is duck-typed (no mambavision
-import): Mamba-1 mixers (``A_log`` (d, n), ``dt_proj``; Vim's backward ``A_b_log``/``dt_proj_b``)
-and Mamba-2/Hydra mixers (``A_log`` (h,), ``dt_bias``). B, C and delta are input-dependent in
+The model scan asks the backbone's card for its SSM layers (``model.card.ssm_layers(model)``, which
+its mixers declare): Mamba-1 layers (A (d, n), one per direction for Vim) and Mamba-2/Hydra layers
+(one scalar A per head). B, C and delta are input-dependent in
 these models; :func:`scan_model` uses unit ``B = C = 1`` and the input-independent part of the
 step, ``delta = softplus(k * bias)`` (k = 2 for MambaVision's mixer, which adds the dt bias twice).
 :func:`data_driven_params` instead runs images through the model and uses the token- and
@@ -28,8 +28,8 @@ Two sources of SSM parameters:
 * an initialisation only (default): ``--init s4d-real s4d-lin``, d_state 16, Mamba's log-uniform
   step sizes in [1e-3, 0.1], ``B = C = 1`` (or ``--bc random``: standard normal);
 * a backbone: ``--model mv_hybrid`` (fresh, ``--model-kwargs JSON`` overrides) or
-  ``--checkpoint ckpt.pth [--model NAME]`` (via ``mambavision.load_pretrained``). Every module
-  with ``A_log`` is analysed with unit B, C and ``delta = softplus(k * dt bias)`` (as above), next to the same layer with S4D-Lin eigenvalues. With
+  ``--checkpoint ckpt.pth [--model NAME]`` (via ``mambavision.load_pretrained``). Every SSM layer
+  of its card is analysed with unit B, C and ``delta = softplus(k * dt bias)`` (as above), next to the same layer with S4D-Lin eigenvalues. With
   ``--delta-source images --image-dir DIR`` the Mamba-1 layers use delta, B and C averaged over
   the tokens of those images instead (Mamba-2/Hydra layers keep the bias-only step).
 
@@ -51,9 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dino.data.datasets.folder import IMG_EXTENSIONS
-from eval.common import HE_MEAN, HE_STD, LOG, add_common_args, parse_cli, parse_model_kwargs, save_figure, write_report
-
-# How often a mixer class adds its dt bias before the softplus (MambaVision: dt_proj(x) + delta_bias).
+from eval.common import LOG, add_common_args, parse_cli, parse_model_kwargs, save_figure, write_report
 
 
 def s4d_init(kind: str, d_model: int, d_state: int = 16) -> torch.Tensor:
@@ -165,35 +163,16 @@ def _softplus64(x: torch.Tensor) -> torch.Tensor:
     return F.softplus(x.detach().double())
 
 
-def ssm_params_of(name: str, module: nn.Module) -> List[SSMParams]:
-    """The diagonal SSM(s) held by ``module`` (empty if it has no ``A_log``)."""
-    out = []
-    A_log = getattr(module, "A_log", None)
-    if not isinstance(A_log, torch.Tensor):
-        return out
-    if A_log.dim() == 2 and hasattr(module, "dt_proj"):  # Mamba-1: A (d, n), delta from dt_proj.bias
-        k = getattr(module, "dt_bias_applications", 1)
-        for sfx, label in (("", ""), ("_b", " (bwd)")):
-            a_log = getattr(module, f"A{sfx}_log", None)
-            dt_proj = getattr(module, f"dt_proj{sfx}", None)
-            if a_log is None or dt_proj is None:
-                continue
-            A = -torch.exp(a_log.detach().double())
-            out.append(SSMParams(name + label, torch.complex(A, torch.zeros_like(A)), _softplus64(k * dt_proj.bias), "mamba1"))
-    elif A_log.dim() == 1 and hasattr(module, "dt_bias"):  # Mamba-2 / Hydra: one scalar A per head
-        A = -torch.exp(A_log.detach().double())[:, None]
-        out.append(SSMParams(name, torch.complex(A, torch.zeros_like(A)), _softplus64(module.dt_bias), "mamba2"))
-    else:
-        raise ValueError(f"module {name!r} has A_log {tuple(A_log.shape)} but neither dt_proj (Mamba-1) nor dt_bias (Mamba-2)")
-    return out
+def ssm_params_of(layer) -> SSMParams:
+    """One of the card's SSM layers (:class:`mambavision.SSMLayer`) with unit B, C and the bias-only step."""
+    A = layer.A if layer.kind == "mamba1" else layer.A[:, None]  # Mamba-2: one state per head
+    delta = _softplus64(layer.dt_bias_applications * layer.dt_bias)
+    return SSMParams(layer.name, torch.complex(A, torch.zeros_like(A)), delta, layer.kind)
 
 
 def scan_model(model: nn.Module) -> List[SSMParams]:
-    """Every SSM in ``model``, in module order."""
-    found = []
-    for name, module in model.named_modules():
-        found.extend(ssm_params_of(name, module))
-    return found
+    """Every SSM of a backbone, in module order, as its card lists them."""
+    return [ssm_params_of(layer) for layer in model.card.ssm_layers(model)]
 
 
 def counterfactual(p: SSMParams, kind: str) -> SSMParams:
@@ -206,34 +185,29 @@ def counterfactual(p: SSMParams, kind: str) -> SSMParams:
 def data_driven_params(model: nn.Module, batches: Iterable[torch.Tensor]) -> List[Tuple[SSMParams, torch.Tensor, torch.Tensor]]:
     """``(params, B, C)`` per Mamba-1 SSM with delta, B and C averaged over tokens and images.
 
-    Hooks every ``x_proj``/``x_proj_b`` of modules with a 2-D ``A_log``; ``batches`` are image
-    tensors on the model's device, run through ``model.forward_features``. Mamba-2 / Hydra layers
-    (no ``x_proj``) are not included.
+    Hooks the ``x_proj`` of every Mamba-1 layer of the card; ``batches`` are image tensors on the
+    model's device, run through ``model.forward_features``. Mamba-2 / Hydra layers (no per-token
+    projection of their own) are not included.
     """
     acc, hooks, params = {}, [], []
-    for name, module in model.named_modules():
-        for p in ssm_params_of(name, module):
-            sfx = "_b" if p.name.endswith("(bwd)") else ""
-            x_proj, dt_proj = getattr(module, f"x_proj{sfx}", None), getattr(module, f"dt_proj{sfx}", None)
-            if p.kind != "mamba1" or x_proj is None:
-                continue
-            k = getattr(module, "dt_bias_applications", 1)
-            n = p.A.shape[1]
-            key = len(params)
-            params.append(p)
-            acc[key] = [0.0, 0.0, 0.0, 0]
+    for layer in model.card.ssm_layers(model):
+        if layer.kind != "mamba1" or layer.x_proj is None:
+            continue
+        key = len(params)
+        params.append(ssm_params_of(layer))
+        acc[key] = [0.0, 0.0, 0.0, 0]
 
-            def hook(_m, _inp, out, key=key, dt_proj=dt_proj, k=k, n=n):
-                out = out.detach().double().reshape(-1, out.shape[-1])
-                r = out.shape[1] - 2 * n
-                dt = F.softplus(out[:, :r] @ dt_proj.weight.double().T + k * dt_proj.bias.double())
-                a = acc[key]
-                a[0] = a[0] + dt.sum(0)
-                a[1] = a[1] + out[:, r:r + n].sum(0)
-                a[2] = a[2] + out[:, r + n:].sum(0)
-                a[3] += out.shape[0]
+        def hook(_m, _inp, out, key=key, layer=layer):
+            out = out.detach().double().reshape(-1, out.shape[-1])
+            n, r = layer.A_log.shape[1], layer.dt_weight.shape[1]
+            dt = F.softplus(out[:, :r] @ layer.dt_weight.double().T + layer.dt_bias_applications * layer.dt_bias.double())
+            a = acc[key]
+            a[0] = a[0] + dt.sum(0)
+            a[1] = a[1] + out[:, r:r + n].sum(0)
+            a[2] = a[2] + out[:, r + n:].sum(0)
+            a[3] += out.shape[0]
 
-            hooks.append(x_proj.register_forward_hook(hook))
+        hooks.append(layer.x_proj.register_forward_hook(hook))
     was_training = model.training
     model.eval()
     try:
@@ -265,20 +239,22 @@ def _build_model(args):
     return mambavision.create_model(args.model, **kwargs).eval()
 
 
-def _image_batches(image_dir: str, img_size: int, max_images: int, batch_size: int, device):
-    """H&E-normalised image batches from ``image_dir`` (unreadable files are skipped and counted)."""
+def _image_batches(image_dir: str, card, img_size: int, max_images: int, batch_size: int, device):
+    """Image batches from ``image_dir``, normalised as the card says (unreadable files are skipped and counted)."""
     from PIL import Image
+
+    from eval.extract_features import resize_uint8
 
     if not os.path.isdir(image_dir):
         raise SystemExit(f"--image-dir not found: {image_dir}")
     files = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMG_EXTENSIONS))[:max_images]
-    mean = torch.tensor(HE_MEAN).view(3, 1, 1)
-    std = torch.tensor(HE_STD).view(3, 1, 1)
+    mean = torch.tensor(card.mean).view(3, 1, 1)
+    std = torch.tensor(card.std).view(3, 1, 1)
     imgs, bad = [], 0
     for f in files:
         try:
             with Image.open(os.path.join(image_dir, f)) as im:
-                arr = np.asarray(im.convert("RGB").resize((img_size, img_size), Image.BILINEAR), dtype=np.float32) / 255.0
+                arr = resize_uint8(np.asarray(im.convert("RGB")), img_size, card.interpolation).astype(np.float32) / 255.0
         except (OSError, ValueError) as e:
             bad += 1
             LOG.warning("skipping unreadable image %s: %s", f, e)
@@ -355,13 +331,14 @@ def main(argv=None) -> Dict:
         model = _build_model(args)
         ssms = [(p, None, None) for p in scan_model(model)]
         if not ssms:
-            raise SystemExit(f"model {args.model or args.checkpoint!r} has no SSM (no module with A_log) to analyse")
+            raise SystemExit(f"model {args.model or args.checkpoint!r} has no SSM layer (its card lists none) to analyse")
         n_images = 0
         if args.delta_source == "images":
             if not args.image_dir:
                 raise SystemExit("--delta-source images needs --image-dir")
             device = next(model.parameters()).device
-            batches, n_images = _image_batches(args.image_dir, args.img_size, args.max_images, args.batch_size, device)
+            batches, n_images = _image_batches(args.image_dir, model.card, args.img_size, args.max_images, args.batch_size,
+                                               device)
             measured = {p.name: (p, B, C) for p, B, C in data_driven_params(model, batches)}
             ssms = [measured.get(p.name, (p, B, C)) for p, B, C in ssms]
         for p, B, C in ssms:

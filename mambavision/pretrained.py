@@ -1,14 +1,14 @@
 """Open a checkpoint in one call: ``model = mambavision.load_pretrained("teacher_checkpoint.pth")``."""
+import dataclasses
 import os
 import pickle
-import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
+from .card import BackboneCard
 from .registry import create_model, get_entry
-from .transforms import HE_MEAN, HE_STD
 
 # Name components that wrappers insert (DDP, torch.compile, FSDP1, activation checkpointing); the one list
 # for loading checkpoints and for the trainer's parameter groups.
@@ -46,8 +46,9 @@ def extract_backbone_state_dict(ckpt: Mapping[str, Any]) -> Tuple[Dict[str, torc
 
     Accepted: a plain backbone state_dict; a DINOv2 teacher checkpoint ``{"teacher": {"backbone.*"}}``
     (the paper's released files); a full training checkpoint ``{"model": {"teacher.backbone.*"}}``;
-    ``{"state_dict": ...}``. ``backbone_config`` is ``{"name", "kwargs", "normalization"}`` when the trainer
-    stored it.
+    ``{"state_dict": ...}``. ``backbone_config`` is what the trainer stored: ``{"name", "kwargs", "card"}``
+    (``card``: :meth:`BackboneCard.to_dict`, with the normalisation training used); earlier versions stored
+    ``{"name", "kwargs", "normalization"}``; ``{}`` for the paper's release.
     """
     meta = dict(ckpt.get("backbone_config") or {}) if isinstance(ckpt.get("backbone_config"), Mapping) else {}
     sd: Any = ckpt
@@ -63,25 +64,56 @@ def extract_backbone_state_dict(ckpt: Mapping[str, Any]) -> Tuple[Dict[str, torc
     return sd, meta
 
 
-def checkpoint_normalization(path: str) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
-    """``(mean, std)`` that the trainer recorded in a checkpoint, or None when it records none."""
-    _, meta = extract_backbone_state_dict(_read(path))
+def stored_preprocessing(meta: Mapping[str, Any]) -> Dict[str, Any]:
+    """The preprocessing recorded in a ``backbone_config``: the card's fields (mean, std, img_size,
+    interpolation), or the ``normalization`` of earlier checkpoints; ``{}`` when none is recorded."""
+    if isinstance(meta.get("card"), Mapping):
+        card = BackboneCard.from_dict(meta["card"])
+        return {k: v for k, v in card.preprocessing().items() if k != "normalization_source"}
     norm = meta.get("normalization") or {}
     if "mean" in norm and "std" in norm:
-        return tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
-    return None
+        return {"mean": tuple(float(v) for v in norm["mean"]), "std": tuple(float(v) for v in norm["std"])}
+    return {}
 
 
-def infer_overrides(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, int]:
-    """Shape hyper-parameters readable from the weights: embed_dim, patch_size, depth."""
+def with_recorded_preprocessing(card: BackboneCard, meta: Mapping[str, Any]) -> BackboneCard:
+    """``card`` with the preprocessing a checkpoint's ``backbone_config`` records (unchanged if none)."""
+    recorded = stored_preprocessing(meta)
+    return dataclasses.replace(card, **recorded, normalization_source="checkpoint") if recorded else card
+
+
+def checkpoint_card(path: str, name: Optional[str] = None) -> BackboneCard:
+    """The card ``load_pretrained(path, name)`` attaches, without building the model: the registry's card of
+    the checkpoint's architecture with the preprocessing the checkpoint records."""
+    meta = extract_backbone_state_dict(_read(path))[1]
+    name = name or meta.get("name")
+    if name is None:
+        raise ValueError(f"{path} does not record its architecture: pass name=, one of the registered models")
+    return with_recorded_preprocessing(get_entry(name).card, meta if meta.get("name", name) == name else {})
+
+
+def checkpoint_normalization(path: str) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
+    """``(mean, std)`` that the trainer recorded in a checkpoint, or None when it records none."""
+    recorded = stored_preprocessing(extract_backbone_state_dict(_read(path))[1])
+    return (recorded["mean"], recorded["std"]) if recorded else None
+
+
+def infer_overrides(name: str, state_dict: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> Dict[str, int]:
+    """Shape hyper-parameters of a checkpoint that records no configuration (the paper's release), read off
+    the weights through the card of a meta-device copy of the model (no weights are allocated, no names
+    parsed): embed_dim and patch_size from the patch embedding's kernel, depth from the deepest block held."""
+    with torch.device("meta"):
+        probe = create_model(name, **given)
+    params = dict(probe.named_parameters())
+    roles = probe.card.parameter_roles(probe)
     out: Dict[str, int] = {}
-    w = state_dict.get("patch_embed.proj.weight")
-    if w is not None:
+    kernel = [k for k, r in roles.items() if r.patch_embed and params[k].ndim == 4 and k in state_dict]
+    if kernel:
+        w = state_dict[kernel[0]]
         out["embed_dim"], out["patch_size"] = int(w.shape[0]), int(w.shape[-1])
-    idx = {int(m.group(1)) for k in state_dict for m in [re.match(r"^(?:blocks\.)+(\d+)\.|^layers\.(\d+)\.", k)] if m and m.group(1)}
-    idx |= {int(m.group(1)) for k in state_dict for m in [re.match(r"^layers\.(\d+)\.", k)] if m}
-    if idx:
-        out["depth"] = max(idx) + 1
+    blocks = [roles[k].layer_id for k in state_dict if k in roles and 1 <= roles[k].layer_id <= probe.n_blocks]
+    if blocks:
+        out["depth"] = max(blocks)
     return out
 
 
@@ -116,24 +148,26 @@ def load_pretrained(
     """Build the backbone and load its weights, in eval mode.
 
     ``name`` and ``overrides`` are as in :func:`create_model`. When the checkpoint was written by
-    this project's trainer they default to the stored ``backbone_config``; shape parameters that
-    can be read off the weights (embed_dim, patch_size, depth) are inferred when not given.
-    ``model.pretrained_cfg`` holds the input normalisation (``mean``, ``std``) the weights were trained
-    with, when the checkpoint records it, else the paper's H&E statistics.
+    this project's trainer they default to the stored ``backbone_config`` (name, complete config and
+    card); for a checkpoint without one (the paper's release), the shape parameters that can be read
+    off the weights (embed_dim, patch_size, depth) are inferred when not given. ``model.card`` carries
+    the preprocessing the weights expect: the one the checkpoint records, else the paper's H&E
+    statistics (``model.pretrained_cfg`` is its dict form, timm's name).
     """
     state_dict, meta = extract_backbone_state_dict(_read(path))
     name = name or meta.get("name")
     if name is None:
         raise ValueError(f"{path} does not record its architecture: pass name=, one of the registered models")
     entry = get_entry(name)
-    kwargs = dict(meta.get("kwargs") or {}) if meta.get("name", name) == name else {}
-    inferred = {k: v for k, v in infer_overrides(state_dict).items() if k in entry.accepted_keys()}
-    for k, v in inferred.items():
-        if entry.default_cfg.get(k) != v:
-            kwargs.setdefault(k, v)
-    kwargs.update(overrides)
     saved = meta.get("name")
+    kwargs = dict(meta.get("kwargs") or {}) if meta.get("name", name) == name else {}
     try:
+        if "card" not in meta or saved != name:  # no complete record: read what the weights tell
+            inferred = infer_overrides(name, state_dict, {**kwargs, **overrides})
+            for k, v in inferred.items():
+                if k in entry.accepted_keys() and entry.default_cfg.get(k) != v:
+                    kwargs.setdefault(k, v)
+        kwargs.update(overrides)
         model = create_model(name, **kwargs)
         load_state_dict_checked(model, state_dict, strict=strict)
     except (ValueError, KeyError, RuntimeError, AssertionError, TypeError) as err:
@@ -142,12 +176,8 @@ def load_pretrained(
                              f"(pass name={saved!r}, or leave name out). While building {name!r}: {err}") from None
         raise
     # timm's convention: the preprocessing the weights expect travels with the model. The trainer records
-    # the normalisation it trained with; older and released checkpoints get the paper's H&E statistics.
-    norm = meta.get("normalization") or {}
-    model.pretrained_cfg = {
-        "mean": tuple(norm.get("mean", HE_MEAN)), "std": tuple(norm.get("std", HE_STD)),
-        "normalization_source": "checkpoint" if norm else "default (the paper's H&E statistics)",
-    }
+    # the normalisation it trained with; released checkpoints keep the card's H&E statistics.
+    model.card = with_recorded_preprocessing(model.card, meta)
     if device is not None:
         model.to(device)
     return model.eval()

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dino.utils.preemption import PREEMPTION_SIGNALS
+
 from .samplers import ShardedInfiniteSampler, mix_seed
 from .unreadable import UnreadableSampleError
 
@@ -33,7 +35,6 @@ logger = logging.getLogger("dino")
 
 _SAMPLE_TAG, _COLLATE_TAG, _SUBSTITUTE_TAG = 1, 2, 3
 MAX_SUBSTITUTE_ATTEMPTS = 100  # this many unreadable reads for one sample: the data set, not a file, is broken
-PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
 
 def _dataset_classes() -> Dict[str, Callable[[], type]]:

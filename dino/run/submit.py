@@ -2,8 +2,9 @@
 
 The SLURM job runs one task per GPU (``tasks_per_node = gpus per node``); each task reads its
 rank from :class:`submitit.JobEnvironment`. submitit asks SLURM to send ``USR2`` to the tasks
-``--slurm-signal-delay-s`` seconds before the time limit; the callable's ``checkpoint()`` then
-returns the job to resubmit (see :class:`dino.run.train.Trainer`).
+``--slurm-signal-delay-s`` seconds before the time limit; the trainer then saves and requeues the
+job itself (:mod:`dino.utils.preemption`, as under the sbatch script), so the job requeues for as long
+as it is stopped by its time limit.
 """
 import argparse
 import logging
@@ -31,7 +32,6 @@ def get_args_parser(parents: Optional[List[argparse.ArgumentParser]] = None, add
     p.add_argument("--comment", default=None, help="SLURM comment")
     p.add_argument("--slurm-signal-delay-s", type=int, default=120,
                    help="seconds before the time limit at which the tasks get the checkpoint signal")
-    p.add_argument("--max-requeues", type=int, default=30, help="times the job may time out and requeue itself")
     p.add_argument("--job-dir", default=None, help="submitit logs and pickles (default: <output-dir>/submitit/%%j)")
     p.add_argument("--job-name", default="dinov2", help="SLURM job name")
     p.add_argument("--local", action="store_true", help="run on this machine through submitit.LocalExecutor")
@@ -51,13 +51,13 @@ def build_executor(args, folder):
     if args.local:
         if args.nodes != 1:
             raise ValueError(f"--local runs on one node, got --nodes {args.nodes}")
-        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=args.max_requeues)
+        executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(timeout_min=args.timeout, tasks_per_node=tasks_per_node(args),
                                    gpus_per_node=max(0, args.ngpus), signal_delay_s=args.slurm_signal_delay_s)
         return executor
     if shutil.which("srun") is None:
         raise RuntimeError("no 'srun' on PATH: submit from a SLURM login node, or pass --local to run here")
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     extra = {k: v for k, v in (("account", args.account), ("qos", args.qos), ("exclude", args.exclude)) if v}
     params = dict(
         name=args.job_name,

@@ -1,4 +1,4 @@
-"""Submit DINOv2 training through submitit, with checkpoint-and-requeue at the time limit.
+"""Submit DINOv2 training through submitit; at the time limit the trainer saves and requeues the job.
 
     python -m dino.run.train --nodes 3 --ngpus 8 --partition gpu --timeout 2800 \
         --config-file configs/train/mv_hybrid.yaml --output-dir /scratch/me/mv_hybrid \
@@ -9,7 +9,6 @@
 """
 import logging
 import os
-import signal
 import sys
 from typing import List, Optional
 
@@ -21,10 +20,12 @@ logger = logging.getLogger("dino")
 
 
 class Trainer:
-    """The submitit callable: one instance per task, resubmitted as-is after a requeue.
+    """The submitit callable: one instance per task, run again as-is when the job is requeued.
 
-    ``train_argv`` is the argument list of ``python -m dino.train``. The trainer resumes from
-    ``--output-dir`` on its own, so the requeued job continues at the saved iteration.
+    ``train_argv`` is the argument list of ``python -m dino.train``. Requeueing is the trainer's own
+    (:mod:`dino.utils.preemption`, the same path as the sbatch script's): submitit's ``USR2`` before the
+    time limit makes every rank save, then rank 0 requeues the job, and the requeued job resumes from
+    ``--output-dir`` (a requeued run ignores ``--no-resume``).
     """
 
     def __init__(self, train_argv: List[str]):
@@ -36,24 +37,11 @@ class Trainer:
         from dino.train import train as train_mod
 
         self._setup_env(submitit.JobEnvironment())
-        # submitit's handler for its signal (USR2 by default) calls checkpoint() and requeues
-        # at once, which would kill the job before the trainer has saved. Instead, every rank
-        # asks the trainer to stop; after the collective save returns, submitit's handler runs.
-        sig = submitit.JobEnvironment._usr_sig()
-        submitit_handler = signal.getsignal(sig)
-        caught = []
-
-        def on_signal(signum, frame):
-            caught.append(signum)
-            train_mod.request_preemption()
-
-        signal.signal(sig, on_signal)
-        try:
-            result = train_mod.main(self.train_argv)
-        finally:
-            signal.signal(sig, submitit_handler)
-        if result.get("preempted") and caught and callable(submitit_handler):
-            submitit_handler(caught[0], None)  # rank 0: checkpoint(), requeue, exit
+        # The trainer takes USR2 over from submitit's handler, which would requeue before the save.
+        result = train_mod.main(self.train_argv)
+        if result["requeued"]:
+            # Leave as submitit does after requeueing: no result file, so the requeued job is still pending.
+            sys.exit(0)
         return result
 
     @staticmethod
@@ -71,18 +59,6 @@ class Trainer:
             MASTER_PORT=os.environ.get("MASTER_PORT") or str(distributed.job_port(job_env.job_id)),
         )
         logger.info("submitit task: %s", job_env)
-
-    def checkpoint(self, *args, **kwargs):
-        """Called by submitit on its preemption/time-out signal: make sure the trainer saves
-        (a no-op if it already has), and resubmit this same callable, resuming from the
-        output directory (hence without ``--no-resume``)."""
-        import submitit
-
-        from dino.train.train import request_preemption
-
-        request_preemption()
-        self.train_argv = [a for a in self.train_argv if a != "--no-resume"]
-        return submitit.helpers.DelayedSubmission(self)
 
 
 def train_argv_from_args(args) -> List[str]:

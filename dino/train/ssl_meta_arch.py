@@ -35,12 +35,15 @@ def backbone_kwargs(cfg, for_student: bool) -> Dict:
 
 
 def backbone_config(cfg) -> Dict:
-    """What ``mambavision.load_pretrained`` needs to rebuild the teacher backbone, and the input
-    normalisation it was trained with (feature extraction defaults to it)."""
+    """What ``mambavision.load_pretrained`` needs to rebuild the teacher backbone: its name, its complete
+    ``create_model`` config and its card as a plain dict, holding the input normalisation it was trained
+    with (feature extraction defaults to it)."""
     kwargs = backbone_kwargs(cfg, for_student=False)
     kwargs.pop("drop_path_rate", None)
-    norm = {"mean": [float(v) for v in cfg.augmentations.mean], "std": [float(v) for v in cfg.augmentations.std]}
-    return {"name": cfg.student.arch, "kwargs": kwargs, "normalization": norm}
+    card = mambavision.get_card(cfg.student.arch).with_normalization(
+        cfg.augmentations.mean, cfg.augmentations.std, "training config (augmentations.mean/std)")
+    return {"name": cfg.student.arch, "kwargs": {**mambavision.get_entry(cfg.student.arch).default_cfg, **kwargs},
+            "card": card.to_dict()}
 
 
 class SSLMetaArch(nn.Module):

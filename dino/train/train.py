@@ -8,8 +8,10 @@ Reliability beyond upstream DINOv2:
 * a NaN/inf loss stops the run with :class:`NonFiniteLossError` naming the iteration, before the
   optimiser step, and the newest kept checkpoint (``train.keep_checkpoints``) that precedes the
   divergence; a non-finite state is never saved;
-* SIGUSR1/SIGTERM (SLURM pre-emption) or :func:`request_preemption` finish the current iteration,
-  save a resumable checkpoint and return (DataLoader workers ignore these signals);
+* SIGUSR1/SIGUSR2/SIGTERM (SLURM pre-emption) or :func:`request_preemption` finish the current
+  iteration, save a resumable checkpoint and return (DataLoader workers ignore these signals); after a
+  time-limit signal (USR1/USR2) rank 0 requeues the SLURM job (:mod:`dino.utils.preemption`, the one
+  requeue path of the sbatch script and of submitit);
 * one run per output dir (:mod:`dino.utils.run_lock`); stale temporary files are removed at start,
   ``--no-resume`` moves an earlier run aside (:mod:`dino.utils.run_dir`); ``config.yaml`` is written
   once the checkpoint is known to fit (:mod:`dino.utils.resume_checks`);
@@ -19,8 +21,6 @@ import argparse
 import logging
 import math
 import os
-import signal
-import threading
 from functools import partial
 from typing import Dict
 
@@ -44,6 +44,8 @@ from dino.utils.checkpoint import (
     save_teacher_checkpoint,
 )
 from dino.utils.logging import MetricsWriter
+from dino.utils import preemption
+from dino.utils.preemption import preemption_requested, request_preemption  # noqa: F401  (public here)
 from dino.utils.precision import configure_tf32
 from dino.utils.resume_checks import check_resume
 from dino.utils.run_dir import prepare_output_dir
@@ -52,22 +54,9 @@ from dino.utils.schedules import CosineScheduler
 
 logger = logging.getLogger("dino")
 
-_PREEMPT = threading.Event()
-PREEMPTION_SIGNALS = ("SIGUSR1", "SIGTERM")
-
 
 class NonFiniteLossError(FloatingPointError):
     """A loss was NaN or inf; the run stopped without taking the optimiser step."""
-
-
-def request_preemption() -> None:
-    """Ask the running ``do_train`` to save a resumable checkpoint after the current iteration
-    and return (for signal handlers and submitit's ``checkpoint()``)."""
-    _PREEMPT.set()
-
-
-def preemption_requested() -> bool:
-    return _PREEMPT.is_set()
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -190,23 +179,6 @@ def do_test(cfg, model: SSLMetaArch, iteration: int) -> str:
     return path
 
 
-# -- signals -----------------------------------------------------------------------------------
-def _install_signal_handlers():
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    previous = {}
-    for name in PREEMPTION_SIGNALS:
-        sig = getattr(signal, name, None)
-        if sig is not None:
-            previous[sig] = signal.signal(sig, lambda signum, frame: request_preemption())
-    return previous
-
-
-def _restore_signal_handlers(previous) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-
-
 # -- loop --------------------------------------------------------------------------------------
 def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
     """Train ``model`` (already prepared for distributed training) as configured.
@@ -252,8 +224,6 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
     if rng_state is not None:
         restore_rng_state(rng_state)  # last, so nothing above shifts the streams
 
-    _PREEMPT.clear()
-    previous_handlers = _install_signal_handlers()
     iteration, preempted, values = start_iter - 1, False, {}
     if start_iter < max_iter:
         logger.info("training iterations %d..%d", start_iter, max_iter - 1)
@@ -277,7 +247,7 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
             # Mean losses over ranks and the pre-emption flag, in one message.
             names = sorted(loss_dict)
             stats = torch.stack([loss_dict[k].float() for k in names] + [
-                data["unreadable"].to(device=device, dtype=torch.float32), torch.tensor(float(_PREEMPT.is_set()), device=device)])
+                data["unreadable"].to(device=device, dtype=torch.float32), torch.tensor(float(preemption_requested()), device=device)])
             if distributed.get_global_size() > 1:
                 torch.distributed.all_reduce(stats)
             stats = stats.cpu().tolist()
@@ -319,7 +289,6 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
             if not distributed.all_gather_object(os.path.isfile(final))[0]:
                 do_test(cfg, model, max_iter - 1)
     finally:
-        _restore_signal_handlers(previous_handlers)
         writer.close()
     return {"iteration": iteration, "preempted": preempted, "metrics": values}
 
@@ -330,9 +299,16 @@ def main(argv=None) -> Dict:
     if not cfg.train.dataset_path:  # no silent fallback to synthetic tissue
         raise ConfigError("train.dataset_path is not set: pass train.dataset_path=Folder:root=DIR (or "
                           "WSICoords:slides=DIR:coords=DIR; Synthetic for a demo)")
+    fresh = args.no_resume
+    if fresh and preemption.is_requeued_run():  # --no-resume was meant for the first start, not a requeue
+        logger.warning("requeued SLURM job (restart %s): resuming, --no-resume applies to the first start only",
+                       os.environ["SLURM_RESTART_COUNT"])
+        fresh = False
     lock = None
+    preemption.clear()
+    previous_handlers = preemption.install_handlers()  # for setup too: a signal then stops at the first iteration
     try:
-        lock = prepare_output_dir(cfg.train.output_dir, fresh=args.no_resume)  # one run per output dir
+        lock = prepare_output_dir(cfg.train.output_dir, fresh=fresh)  # one run per output dir
         logger.info("config:\n%s", config_to_yaml(cfg))
         configure_tf32(cfg.compute_precision.tf32)
         # Same initial weights on every rank; rank-specific streams afterwards (DINOv2: seed + rank).
@@ -340,8 +316,14 @@ def main(argv=None) -> Dict:
         model = SSLMetaArch(cfg)
         model.prepare_for_distributed_training(distributed.get_device())
         distributed.fix_random_seeds(distributed.seed_for_rank(cfg.train.seed))
-        return do_train(cfg, model, resume=not args.no_resume)
+        rank0 = distributed.is_main_process()
+        result = do_train(cfg, model, resume=not fresh)
     finally:
+        preemption.restore_handlers(previous_handlers)
         if lock is not None:
             lock.release()
         distributed.disable()
+    # After the collective save and with the output dir released: the requeued job may start at once.
+    result["requeued"] = bool(result["preempted"] and preemption.requeue_requested() and rank0
+                              and preemption.requeue_slurm_job())
+    return result

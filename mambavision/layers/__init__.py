@@ -2,7 +2,7 @@
 from .attention import Attention
 from .block import MixerBlock
 from .cls_token import insert_middle_cls
-from .drop_path import DropPath, drop_path
+from .drop_path import DropPath, drop_path, drop_path_rates
 from .einfft import EinFFT
 from .hybrid_stack import BlockStack, attention_start, hybrid_blocks
 from .init import init_mambavision_weights, inverse_softplus_dt, lecun_normal_
@@ -13,7 +13,7 @@ from .patch_embed import PatchEmbed
 from .pos_embed import middle_cls_pos_embed, resample_patch_pos_embed
 
 __all__ = [
-    "Attention", "MixerBlock", "DropPath", "drop_path", "EinFFT", "LayerScale", "Mlp", "RMSNorm",
+    "Attention", "MixerBlock", "DropPath", "drop_path", "drop_path_rates", "EinFFT", "LayerScale", "Mlp", "RMSNorm",
     "RMSNormGated", "PatchEmbed", "resample_patch_pos_embed", "middle_cls_pos_embed", "insert_middle_cls",
     "BlockStack", "attention_start", "hybrid_blocks", "init_mambavision_weights", "inverse_softplus_dt", "lecun_normal_",
 ]

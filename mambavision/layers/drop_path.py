@@ -3,6 +3,12 @@ import torch
 from torch import nn
 
 
+def drop_path_rates(drop_path_rate: float, depth: int) -> list:
+    """Per-block drop probabilities rising linearly from 0 to ``drop_path_rate`` (timm / DINOv2). Computed on
+    the CPU even under a ``torch.device("meta")`` context, so a model can be built on the meta device."""
+    return torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+
+
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
     if drop_prob == 0.0 or not training:
         return x

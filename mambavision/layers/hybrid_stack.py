@@ -2,11 +2,11 @@
 EinFFT in the first half, attention with an MLP from ``attention_start(depth)`` on."""
 from typing import Callable, Optional
 
-import torch
 from torch import nn
 
 from .attention import Attention
 from .block import MixerBlock
+from .drop_path import drop_path_rates
 from .einfft import EinFFT
 from .mlp import Mlp
 
@@ -49,7 +49,7 @@ def hybrid_blocks(
 
     Shared by MV_Hybrid and the Hydra backbones, which differ only in the SSM mixer.
     """
-    dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+    dpr = drop_path_rates(drop_path_rate, depth)
     blocks = []
     for i in range(depth):
         if i < first_attn:

@@ -7,7 +7,9 @@ everything the trainer and the evaluations see, so they never branch on the arch
 * ``forward_features(x, masks=None)`` -> dict, or a list of dicts for a list of crops;
 * ``forward(x, is_training=False)`` -> the eval embedding, or the dict(s) when training;
 * ``get_intermediate_layers``, ``no_weight_decay`` and the attributes ``embed_dim``,
-  ``num_features``, ``n_blocks``, ``patch_size``, ``mask_token``.
+  ``num_features``, ``n_blocks``, ``patch_size``, ``mask_token``;
+* ``card``: the registry's :class:`~mambavision.card.BackboneCard` (set by ``create_model``), which
+  says how to pool, preprocess, group parameters for the optimiser and find the SSM layers.
 
 Subclasses build ``patch_embed``, ``cls_token``, ``mask_token``, ``blocks`` (iterable) and
 ``norm``, and implement ``_add_cls_token(patch_tokens, grid_hw) -> (tokens, cls_index)``.
@@ -17,16 +19,14 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..card import BackboneCard
 from ..layers import PatchEmbed
-
-# Parameters that never get weight decay: tokens, positions, and SSM dynamics (A, D, dt bias).
-NO_WEIGHT_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "A_log", "A_b_log", "D", "D_b", "dt_bias")
 
 
 class Backbone(nn.Module):
     embed_dim: int
     patch_size: int
-    global_pool: str = "cls"  # eval embedding: "cls" or "cls+mean"
+    card: BackboneCard  # attached by create_model / load_pretrained
 
     @property
     def n_blocks(self) -> int:
@@ -35,7 +35,12 @@ class Backbone(nn.Module):
     @property
     def num_features(self) -> int:
         """Dimension of the eval embedding returned by ``forward``."""
-        return self.embed_dim * (2 if self.global_pool == "cls+mean" else 1)
+        return self.embed_dim * (2 if self.card.pool == "cls+mean" else 1)
+
+    @property
+    def pretrained_cfg(self) -> Dict:
+        """timm's name for the preprocessing the weights expect: the card's mean, std, img_size, interpolation."""
+        return self.card.preprocessing()
 
     # -- tokens -------------------------------------------------------------------------------
     def _build_stem(self, img_size, patch_size: int, in_chans: int, embed_dim: int, pos_embed: bool) -> None:
@@ -47,6 +52,10 @@ class Backbone(nn.Module):
         if pos_embed:
             self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+
+    def token_parameters(self) -> List[nn.Parameter]:
+        """The stem's learned tokens: CLS, mask and (if any) the position embedding."""
+        return [self.cls_token, self.mask_token] + ([self.pos_embed] if hasattr(self, "pos_embed") else [])
 
     def _add_cls_token(self, x: torch.Tensor, grid_hw: Tuple[int, int]) -> Tuple[torch.Tensor, int]:
         raise NotImplementedError
@@ -98,12 +107,19 @@ class Backbone(nn.Module):
         for blk in self.blocks:
             blk.compile(**compile_kwargs)
 
-    def pool(self, out: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """The eval embedding from a ``forward_features`` dict."""
+    def pool(self, out: Dict[str, torch.Tensor], mode: Optional[str] = None) -> torch.Tensor:
+        """The embedding from a ``forward_features`` dict: ``mode`` "cls", "mean" (mean patch token) or
+        "cls+mean"; by default the card's eval pooling."""
+        mode = mode or self.card.pool
         cls = out["x_norm_clstoken"]
-        if self.global_pool == "cls+mean":
-            return torch.cat([cls, out["x_norm_patchtokens"].mean(dim=1)], dim=-1)
-        return cls
+        if mode == "cls":
+            return cls
+        mean = out["x_norm_patchtokens"].mean(dim=1)
+        if mode == "mean":
+            return mean
+        if mode == "cls+mean":
+            return torch.cat([cls, mean], dim=-1)
+        raise ValueError(f"unknown pooling {mode!r}; choose from 'cls', 'mean', 'cls+mean'")
 
     def forward(self, x, masks=None, is_training: bool = False):
         out = self.forward_features(x, masks)
@@ -145,4 +161,5 @@ class Backbone(nn.Module):
         return tuple(patches)
 
     def no_weight_decay(self) -> set:
-        return {name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] in NO_WEIGHT_DECAY_NAMES}
+        """Names of the parameters that get no weight decay, as the card declares them (timm's method)."""
+        return self.card.no_weight_decay(self)

@@ -28,12 +28,13 @@ from ..layers import (
     inverse_softplus_dt,
     middle_cls_pos_embed,
 )
+from ..card import SSMLayer, SSMMixer
 from ..ops import mamba_chunk_scan_combined
 from ..registry import register_model
 from .backbone import Backbone
 
 
-class HydraMixer(nn.Module):
+class HydraMixer(SSMMixer, nn.Module):
     """Hydra token mixer (goombalab/hydra ``Hydra``, non-mem-efficient path), (B, L, d) -> (B, L, d)."""
 
     def __init__(
@@ -77,6 +78,10 @@ class HydraMixer(nn.Module):
         self.norm = RMSNormGated(self.d_inner, eps=1e-5, norm_before_gate=True)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
+    def ssm_layers(self, prefix: str):
+        # One scalar A per head, shared by both directions; dt bias added once (dt_bias of the scan).
+        yield SSMLayer(prefix, self.A_log, self.D, self.dt_bias, 1)
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         batch = u.shape[0]
         bc = 2 * self.ngroups * self.d_state
@@ -110,8 +115,6 @@ class HydraMixer(nn.Module):
 class HydraBackbone(Backbone):
     """Hydra_EinFFT (``hybrid=False``) or Hydra_Hybrid (``hybrid=True``). Eval embedding:
     ``cat[CLS, mean patch]``, as MV_Hybrid, whose template these models follow."""
-
-    global_pool = "cls+mean"
 
     def __init__(
         self,
@@ -160,10 +163,10 @@ class HydraBackbone(Backbone):
 
 _HYDRA = dict(img_size=256, patch_size=16, embed_dim=384, depth=24, num_heads=6)
 register_model(
-    "hydra_einfft", HydraBackbone, paper_name="Hydra_EinFFT",
+    "hydra_einfft", HydraBackbone, pool="cls+mean", paper_name="Hydra_EinFFT",
     description="24 Hydra + EinFFT blocks, middle CLS, abs. pos. embed, 384-d", hybrid=False, **_HYDRA,
 )
 register_model(
-    "hydra_hybrid", HydraBackbone, paper_name="Hydra_Hybrid",
+    "hydra_hybrid", HydraBackbone, pool="cls+mean", paper_name="Hydra_Hybrid",
     description="12 Hydra + EinFFT blocks, then 12 attention + MLP blocks, 384-d", hybrid=True, **_HYDRA,
 )

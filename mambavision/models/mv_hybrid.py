@@ -18,22 +18,20 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ..card import SSMLayer, SSMMixer
 from ..layers import attention_start, hybrid_blocks, init_mambavision_weights, insert_middle_cls
 from ..ops import selective_scan_fn
 from ..registry import register_model
 from .backbone import Backbone
 
 
-class MambaVisionMixer(nn.Module):
+class MambaVisionMixer(SSMMixer, nn.Module):
     """MambaVision's token mixer: a selective scan on one half of the channels, a gated
     convolution branch on the other half, concatenated and projected back.
 
     Unlike Mamba, both depthwise convolutions are non-causal ('same' padding) and the
     branch ``z`` is concatenated rather than used as a multiplicative gate.
     """
-
-    # delta = softplus(W dt + 2 b): the release adds dt_proj's bias twice (read by analysis tools).
-    dt_bias_applications = 2
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, conv_bias: bool = True):
         super().__init__()
@@ -53,6 +51,10 @@ class MambaVisionMixer(nn.Module):
         A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(half, 1)
         self.A_log = nn.Parameter(torch.log(A))
         self.D = nn.Parameter(torch.ones(half))
+
+    def ssm_layers(self, prefix: str):
+        # delta = softplus(W dt + 2 b): the release adds dt_proj's bias twice.
+        yield SSMLayer(prefix, self.A_log, self.D, self.dt_proj.bias, 2, self.x_proj, self.dt_proj.weight)
 
     def _conv(self, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
         # padding='same' as in the release, spelled out (left k-1 // 2, right the rest) because
@@ -83,8 +85,6 @@ class MambaVisionMixer(nn.Module):
 
 
 class MVHybrid(Backbone):
-    global_pool = "cls+mean"
-
     def __init__(
         self,
         img_size: int = 256,
@@ -120,7 +120,7 @@ class MVHybrid(Backbone):
 
 
 register_model(
-    "mv_hybrid", MVHybrid, paper_name="MV_Hybrid",
+    "mv_hybrid", MVHybrid, pool="cls+mean", paper_name="MV_Hybrid",
     description="12 MambaVision+EinFFT blocks, then 12 attention+MLP blocks, 384-d (30,963,072 parameters)",
     img_size=256, patch_size=16, embed_dim=384, depth=24, num_heads=6,
 )

@@ -15,13 +15,16 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ..layers import DropPath, EinFFT, RMSNorm, insert_middle_cls, inverse_softplus_dt, lecun_normal_, middle_cls_pos_embed
+from ..card import SSMLayer, SSMMixer
+from ..layers import (
+    DropPath, EinFFT, RMSNorm, drop_path_rates, insert_middle_cls, inverse_softplus_dt, lecun_normal_, middle_cls_pos_embed,
+)
 from ..ops import causal_conv1d_fn, selective_scan_fn
 from ..registry import register_model
 from .backbone import Backbone
 
 
-class VimMixer(nn.Module):
+class VimMixer(SSMMixer, nn.Module):
     """Bidirectional Mamba mixer (Vim's ``bimamba_type="v2"``).
 
     One shared ``in_proj`` gives ``x`` and the gate ``z``; a forward branch scans the sequence and a
@@ -55,6 +58,12 @@ class VimMixer(nn.Module):
             # nn.Linear's default weight and its bias is zeroed by the model-wide init (it lacks
             # _no_reinit), so the backward branch starts at delta = softplus(W dt) ~ 0.69.
             nn.init.zeros_(self.dt_proj_b.bias)
+
+    def ssm_layers(self, prefix: str):
+        # Both directions add their dt bias once (as the scan's delta_bias).
+        yield SSMLayer(prefix, self.A_log, self.D, self.dt_proj.bias, 1, self.x_proj, self.dt_proj.weight)
+        yield SSMLayer(prefix + " (bwd)", self.A_b_log, self.D_b, self.dt_proj_b.bias, 1, self.x_proj_b,
+                       self.dt_proj_b.weight)
 
     def _branch(self, x, z, conv, x_proj, dt_proj, A_log, D):
         """One direction: causal conv + SiLU, input-dependent (dt, B, C), selective scan gated by z."""
@@ -105,8 +114,6 @@ class VimBlock(nn.Module):
 class VimEinFFT(Backbone):
     """ViM_EinFFT. The eval embedding is the CLS token, as Vim's (and Mamba-Reg's) classifier uses."""
 
-    global_pool = "cls"
-
     def __init__(
         self,
         img_size: int = 256,
@@ -114,7 +121,6 @@ class VimEinFFT(Backbone):
         in_chans: int = 3,
         embed_dim: int = 384,
         depth: int = 24,
-        num_heads: Optional[int] = None,
         d_state: int = 16,
         d_conv: int = 4,
         expand: int = 2,
@@ -122,11 +128,11 @@ class VimEinFFT(Backbone):
         drop_path_rate: float = 0.0,
         interpolate_offset: float = 0.1,
     ):
-        """``num_heads`` is accepted so the zoo's common overrides apply, and unused (no attention)."""
+        """No ``num_heads``: the model has no attention, so the card does not accept that override."""
         super().__init__()
         self.interpolate_offset = interpolate_offset
         self._build_stem(img_size, patch_size, in_chans, embed_dim, pos_embed=True)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = drop_path_rates(drop_path_rate, depth)
         self.layers = nn.ModuleList(
             VimBlock(
                 embed_dim,
@@ -167,7 +173,7 @@ class VimEinFFT(Backbone):
 
 
 register_model(
-    "vim_einfft", VimEinFFT, paper_name="ViM_EinFFT",
+    "vim_einfft", VimEinFFT, pool="cls", paper_name="ViM_EinFFT",
     description="24 bidirectional Mamba (Vim v2) + EinFFT blocks, RMSNorm, middle CLS, abs. pos. embed, 384-d",
     img_size=256, patch_size=16, embed_dim=384, depth=24,
 )

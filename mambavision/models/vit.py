@@ -9,7 +9,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from ..layers import Attention, MixerBlock, Mlp, resample_patch_pos_embed
+from ..layers import Attention, MixerBlock, Mlp, drop_path_rates, resample_patch_pos_embed
 from ..registry import register_model
 from .backbone import Backbone
 
@@ -20,8 +20,6 @@ class ViTBlock(MixerBlock):
 
 
 class VisionTransformer(Backbone):
-    global_pool = "cls"
-
     def __init__(
         self,
         img_size: int = 256,
@@ -44,7 +42,7 @@ class VisionTransformer(Backbone):
         self.interpolate_antialias = interpolate_antialias
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self._build_stem(img_size, patch_size, in_chans, embed_dim, pos_embed=True)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList(
             ViTBlock(
                 embed_dim,
@@ -80,5 +78,5 @@ class VisionTransformer(Backbone):
 
 
 _VIT_S16 = dict(img_size=256, patch_size=16, embed_dim=384, num_heads=6, layer_scale=1e-5)
-register_model("vit_12", VisionTransformer, paper_name="ViT_12", description="DINOv2 ViT-S/16, 12 blocks", depth=12, **_VIT_S16)
-register_model("vit_24", VisionTransformer, paper_name="ViT_24", description="DINOv2 ViT-S/16, 24 blocks", depth=24, **_VIT_S16)
+register_model("vit_12", VisionTransformer, pool="cls", paper_name="ViT_12", description="DINOv2 ViT-S/16, 12 blocks", depth=12, **_VIT_S16)
+register_model("vit_24", VisionTransformer, pool="cls", paper_name="ViT_24", description="DINOv2 ViT-S/16, 24 blocks", depth=24, **_VIT_S16)

@@ -9,6 +9,7 @@ from torch import nn
 
 import mambavision
 from dino.heads import DINOHead
+from mambavision.models.vit import VisionTransformer
 from dino.utils.param_groups import fuse_params_groups, get_params_groups_with_decay
 from dino.utils.schedules import CosineScheduler
 
@@ -113,39 +114,20 @@ def test_param_groups_on_prefixed_student_with_heads():
     assert sum(d["is_last_layer"] for d in groups.values()) == 1
 
 
-def test_param_groups_vim_style_layers_and_wrapper_prefixes():
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(4, 4)
+def test_param_groups_vim_layers_and_wrapper_prefixes():
+    """Vim keeps its blocks under ``layers``; a wrapper (here FSDP1's name insertion) changes no role."""
 
-    class VimLike(nn.Module):
-        n_blocks = 3
-
-        def __init__(self):
-            super().__init__()
-            self.layers = nn.ModuleList(Block() for _ in range(3))
-
-    class Wrapper(nn.Module):  # mimics FSDP1's name insertion
+    class Wrapper(nn.Module):
         def __init__(self, m):
             super().__init__()
             self._fsdp_wrapped_module = m
 
-    groups = _by_name(get_params_groups_with_decay(Wrapper(VimLike()), lr_decay_rate=0.1))
-    assert groups["layers.2.proj.weight"]["lr_multiplier"] == pytest.approx(0.1)
-    assert groups["layers.0.proj.weight"]["lr_multiplier"] == pytest.approx(0.001)
-
-
-def test_param_groups_reject_block_index_beyond_n_blocks():
-    class Bad(nn.Module):
-        n_blocks = 1
-
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
-
-    with pytest.raises(ValueError, match="n_blocks=1"):
-        get_params_groups_with_decay(Bad())
+    vim = mambavision.create_model("vim_einfft", img_size=32, patch_size=8, embed_dim=32, depth=3)
+    groups = _by_name(get_params_groups_with_decay(Wrapper(vim), lr_decay_rate=0.1))
+    assert groups["layers.2.mixer.in_proj.weight"]["lr_multiplier"] == pytest.approx(0.1)
+    assert groups["layers.0.mixer.in_proj.weight"]["lr_multiplier"] == pytest.approx(0.001)
+    assert groups["norm_f.weight"]["lr_multiplier"] == 1.0
+    assert groups["layers.0.mixer.A_b_log"]["wd_multiplier"] == 0.0  # 2-D, exempt as SSM dynamics
 
 
 def test_fuse_params_groups_covers_every_parameter_once():
@@ -158,3 +140,44 @@ def test_fuse_params_groups_covers_every_parameter_once():
     assert sorted(fused_ids) == sorted(id(p) for p in model.parameters())
     # usable by an optimiser directly
     torch.optim.AdamW([{"params": g["params"]} for g in fused], lr=1e-3)
+
+
+# ---------------------------------------------------------------- the card, not names, drives the groups
+class _RenamedViT(VisionTransformer):
+    """ViT_12 with its block container called ``trunk`` (not "blocks"/"layers") and an extra 2-D weight
+    whose name contains "norm": the cases where parsing names used to change lr decay and weight decay."""
+
+    blocks = property(lambda self: self.trunk)
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.trunk = self._modules.pop("blocks")
+        self.normalizer = nn.Linear(4, 4, bias=False)
+
+
+def _renamed_vit():
+    torch.manual_seed(0)
+    m = _RenamedViT(**{**mambavision.get_entry("vit_12").default_cfg, **TINY})
+    m.card = mambavision.get_card("vit_12")
+    return m
+
+
+def test_renaming_the_block_container_does_not_change_lr_decay():
+    """Issue 13: with blocks under ``trunk.*`` the name parser gave every block parameter layer id
+    n_blocks + 1, i.e. no layer-wise decay at all, without a word."""
+    plain = _by_name(get_params_groups_with_decay(mambavision.create_model("vit_12", **TINY), lr_decay_rate=0.5))
+    renamed = _by_name(get_params_groups_with_decay(_renamed_vit(), lr_decay_rate=0.5))
+    assert renamed["trunk.0.attn.qkv.weight"]["lr_multiplier"] == pytest.approx(0.25)
+    assert renamed["trunk.1.mlp.fc1.weight"]["lr_multiplier"] == pytest.approx(0.5)
+    for name, d in plain.items():
+        other = renamed[name.replace("blocks.", "trunk.", 1) if name.startswith("blocks.") else name]
+        assert (other["lr_multiplier"], other["wd_multiplier"]) == (d["lr_multiplier"], d["wd_multiplier"]), name
+
+
+def test_weight_decay_follows_the_card_not_the_word_norm():
+    """A 2-D weight is decayed whatever its name; the card's no-weight-decay set is what is exempt."""
+    model = _renamed_vit()
+    groups = _by_name(get_params_groups_with_decay(model, lr_decay_rate=0.5))
+    assert groups["normalizer.weight"]["wd_multiplier"] == 1.0
+    exempt = model.card.no_weight_decay(model)
+    assert {n for n, d in groups.items() if d["wd_multiplier"] == 0.0} == exempt

@@ -114,17 +114,18 @@ def _write_exe(path, text):
     path.chmod(0o755)
 
 
-def test_usr1_forwards_to_trainer_then_requeues(tmp_path):
-    """Fake srun/scontrol/python: the batch shell relays USR1, waits for the save, then requeues."""
+def test_usr1_is_forwarded_to_the_trainer_and_the_shell_waits_for_it(tmp_path):
+    """Fake srun/scontrol/python: the batch shell relays USR1 and waits for the trainer to exit; it does not
+    requeue by itself (the trainer does, after its save: test_signal_saves_then_requeues_the_slurm_job)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     out = tmp_path / "out"
     _write_exe(bin_dir / "srun", '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
-    _write_exe(bin_dir / "scontrol", '#!/bin/bash\n[[ -f "$OUTPUT_DIR/checkpoint" ]] && echo "$*" >> "$OUTPUT_DIR/scontrol.log"\n')
+    _write_exe(bin_dir / "scontrol", '#!/bin/bash\necho "$*" >> "$OUTPUT_DIR/scontrol.log"\n')
     _write_exe(bin_dir / "fake-python", (
         "#!/bin/bash\n"
         'printf "%s\\n" "$@" > "$OUTPUT_DIR/argv"\n'
-        "trap 'sleep 0.3; echo saved > \"$OUTPUT_DIR/checkpoint\"; exit 0' USR1\n"
+        "trap 'sleep 0.3; echo saved > \"$OUTPUT_DIR/checkpoint\"; exit 3' USR1\n"
         'touch "$OUTPUT_DIR/started"\n'
         "while true; do sleep 0.05; done\n"
     ))
@@ -138,12 +139,25 @@ def test_usr1_forwards_to_trainer_then_requeues(tmp_path):
     wait_for(lambda: (out / "started").exists(), 20, "the fake trainer to start")
     proc.send_signal(signal.SIGUSR1)
     stdout, stderr = proc.communicate(timeout=20)
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == 3, stderr  # the trainer's own status, after its save
     assert (out / "checkpoint").read_text().strip() == "saved"
-    assert (out / "scontrol.log").read_text().split() == ["requeue", "4242"], "requeued only after the save"
+    assert "caught USR1: asking the trainer to checkpoint and requeue the job" in stdout
+    assert "training finished with status 3" in stdout
+    assert not (out / "scontrol.log").exists(), "the shell leaves requeueing to the trainer"
     argv = (out / "argv").read_text().split("\n")
     assert argv[:3] == ["-m", "dino.train", "--config-file"] and "train.dataset_path=Folder:root=/data/pngs" in argv
     assert argv[-2] == "optim.epochs=3", "extra arguments reach the trainer as overrides"
+
+
+def fake_scontrol(bin_dir, out_dir):
+    """An ``scontrol`` that logs its arguments and whether the checkpoint was on disk when it ran."""
+    bin_dir.mkdir(exist_ok=True)
+    _write_exe(bin_dir / "scontrol", (
+        "#!/bin/bash\n"
+        f'saved=$([[ -f "{out_dir}/checkpoint.pth" ]] && echo saved || echo unsaved)\n'
+        f'echo "$* $saved" >> "{out_dir.parent}/scontrol.log"\n'
+    ))
+    return bin_dir / ".." / "scontrol.log"
 
 
 # --------------------------------------------------------------------------- submitit
@@ -168,47 +182,33 @@ def test_submitit_executor_parameters(tmp_path, monkeypatch):
         submit.build_executor(submit.get_args_parser().parse_args(["--local", "--nodes", "2"]), tmp_path)
 
 
-def test_trainer_checkpoint_returns_delayed_submission_of_itself():
-    import submitit
+def test_launcher_checks_its_arguments():
+    from dino.run.train import main
 
-    from dino.run.train import Trainer, main
-    from dino.train.train import _PREEMPT
-
-    trainer = Trainer(["--config-file", "c.yaml", "--output-dir", "/o", "--no-resume", "optim.epochs=1"])
-    try:
-        delayed = trainer.checkpoint()
-        assert isinstance(delayed, submitit.helpers.DelayedSubmission)
-        assert delayed.function is trainer
-        assert trainer.train_argv == ["--config-file", "c.yaml", "--output-dir", "/o", "optim.epochs=1"]
-        assert _PREEMPT.is_set(), "checkpoint() asks a running trainer to save"
-    finally:
-        _PREEMPT.clear()
     with pytest.raises(SystemExit):
         main(["--output-dir", "/tmp/x", "--config-file", "missing.yaml"])
 
 
-def test_trainer_saves_before_submitit_requeues(tmp_path, monkeypatch):
-    """submitit's USR2 handler must run only after the trainer wrote its checkpoint."""
+def test_submitit_trainer_saves_then_requeues_through_the_trainer(tmp_path, monkeypatch):
+    """submitit's USR2 reaches the trainer (not submitit's handler, which would requeue before the save);
+    the trainer saves, rank 0 requeues the SLURM job, and the task leaves without a submitit result."""
     import submitit
     import torch
 
     from dino.run.train import Trainer
 
     out = tmp_path / "run"
+    log = tmp_path / "scontrol.log"
+    fake_scontrol(tmp_path / "bin", out)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     for k, v in dict(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID="77", SUBMITIT_LOCAL_NTASKS="1",
                      SUBMITIT_LOCAL_JOB_NUM_NODES="1", SUBMITIT_LOCAL_NODEID="0", SUBMITIT_LOCAL_GLOBALID="0",
                      SUBMITIT_LOCAL_LOCALID="0", RANK="", WORLD_SIZE="", LOCAL_RANK="", LOCAL_WORLD_SIZE="",
-                     GROUP_RANK="", MASTER_ADDR="", MASTER_PORT=str(free_port())).items():
+                     GROUP_RANK="", MASTER_ADDR="", MASTER_PORT=str(free_port()), SLURM_JOB_ID="77").items():
         monkeypatch.setenv(k, v)
-    trainer = Trainer(tiny_argv(out))
-    seen = {}
-
-    def fake_submitit_handler(signum, frame):  # what submitit does on rank 0: checkpoint, then requeue
-        seen["checkpoint_on_disk"] = (out / "checkpoint.pth").exists()
-        seen["delayed"] = trainer.checkpoint()
-
     sig = submitit.JobEnvironment._usr_sig()
-    previous = signal.signal(sig, fake_submitit_handler)
+    requeued_by_submitit = []
+    previous = signal.signal(sig, lambda *a: requeued_by_submitit.append(a))  # stands for submitit's handler
 
     def send_when_training():
         wait_for(lambda: (out / "training_metrics.json").exists(), 60, "the first iteration")
@@ -217,42 +217,55 @@ def test_trainer_saves_before_submitit_requeues(tmp_path, monkeypatch):
     sender = threading.Thread(target=send_when_training, daemon=True)
     try:
         sender.start()
-        result = trainer()
+        with pytest.raises(SystemExit) as exit_info:
+            Trainer(tiny_argv(out))()
     finally:
         signal.signal(sig, previous)
         sender.join(5)
-        from dino.train.train import _PREEMPT
-
-        _PREEMPT.clear()
-    assert result["preempted"] and result["iteration"] < N_ITERS - 1
-    assert seen["checkpoint_on_disk"], "checkpoint written before submitit's requeue"
-    assert seen["delayed"].function is trainer
+    assert exit_info.value.code == 0 and not requeued_by_submitit
+    assert log.read_text().split() == ["requeue", "77", "saved"], "requeued once, after the checkpoint"
     assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
-    assert ckpt["iteration"] == result["iteration"]
+    assert ckpt["iteration"] < N_ITERS - 1
 
 
 # --------------------------------------------------------------------------- resume and multi-node
-def test_sigusr1_checkpoint_and_exact_resume(tmp_path):
+@pytest.mark.parametrize("sig, requeues", [(signal.SIGUSR1, True), (signal.SIGTERM, False)], ids=["USR1", "TERM"])
+def test_signal_saves_then_requeues_the_slurm_job_and_the_requeued_run_resumes_exactly(tmp_path, sig, requeues):
+    """The one requeue path: on the time-limit signal the trainer saves, then rank 0 runs ``scontrol requeue``;
+    SIGTERM (scancel) saves without requeueing. The requeued start resumes exactly, even with --no-resume."""
     full, cut = tmp_path / "full", tmp_path / "cut"
+    log = fake_scontrol(tmp_path / "bin", cut)
     cmd = [sys.executable, "-m", "dino.train"]
     env = child_env()
+    slurm = dict(env, PATH=f"{tmp_path / 'bin'}:{env['PATH']}", SLURM_JOB_ID="4242")
     # The uninterrupted reference and the run to interrupt share the two cores.
     ref = subprocess.Popen(cmd + tiny_argv(full), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    run = subprocess.Popen(cmd + tiny_argv(cut), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(cmd + tiny_argv(cut), env=slurm, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: (cut / "training_metrics.json").exists() or run.poll() is not None, 120, "the first iteration")
-    run.send_signal(signal.SIGUSR1)  # what the sbatch script forwards before the time limit
+    run.send_signal(sig)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 0, err[-3000:]
     saved = max(losses(cut))
     assert saved < N_ITERS - 1, "the run stopped early"
     assert (cut / "checkpoint.pth").exists()
+    if not requeues:
+        assert not log.exists(), "SIGTERM (scancel) must not requeue"
+        ref.kill()
+        ref.communicate()
+        return
+    assert log.read_text().split() == ["requeue", "4242", "saved"], "requeued once, after the save"
+    assert "requeued SLURM job 4242" in (cut / "log.txt").read_text()
 
-    # Requeued job: same command, same output dir -> continues after the saved iteration.
-    resumed = subprocess.run(cmd + tiny_argv(cut), env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    # The requeued job: same command (here with --no-resume, which a requeue ignores), same output dir.
+    argv = tiny_argv(cut)
+    argv.insert(argv.index("--output-dir") + 2, "--no-resume")
+    resumed = subprocess.run(cmd + argv, env=dict(slurm, SLURM_RESTART_COUNT="1"), cwd=REPO, capture_output=True,
+                             text=True, timeout=180)
+    assert "--no-resume applies to the first start only" in resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    log = (cut / "log.txt").read_text()
-    assert f"at iteration {saved + 1}" in log
+    log_text = (cut / "log.txt").read_text()
+    assert f"at iteration {saved + 1}" in log_text
     _, err = ref.communicate(timeout=180)
     assert ref.returncode == 0, err[-3000:]
     expected, got = losses(full), losses(cut)

@@ -1,8 +1,8 @@
 """Pre-emption and requeue on a real one-node SLURM cluster (slurmctld + slurmd + munged).
 
 The tiny training is submitted through ``dino/Train_MVHybrid_DINOv2_SLURM.sh`` with a one-minute
-time limit: SLURM signals the batch shell (``B:USR1``), which relays the signal to the trainer,
-waits for its checkpoint and requeues the job; the requeued job resumes, and its losses equal an
+time limit: SLURM signals the batch shell (``B:USR1``), which relays the signal to the trainer; the
+trainer saves its checkpoint and requeues the job (the one requeue path); the requeued job resumes, and its losses equal an
 uninterrupted run's. The submitit launcher (``python -m dino.run.train``) is run against the same
 cluster. ``.ci/run`` installs slurm-wlm and munge; without them these tests are skipped, and say why.
 
@@ -97,10 +97,10 @@ def test_sbatch_script_signal_save_requeue_resume(cluster, tmp_path):
     wait_requeued(cluster, job)
     wait_job(cluster, job, lambda s: s == "COMPLETED", 240, "complete")
     text = (tmp_path / "job.out").read_text()
-    assert "caught USR1: asking the trainer to checkpoint, then requeueing" in text  # the time-limit signal
+    assert "caught USR1: asking the trainer to checkpoint and requeue the job" in text  # the time-limit signal
     assert "(restart 1)" in text and "training finished with status 0" in text
     log = (out / "log.txt").read_text()
-    assert "pre-emption requested: saved" in log and "resuming from" in log
+    assert "pre-emption requested: saved" in log and "requeued SLURM job" in log and "resuming from" in log
     _, err = ref.communicate(timeout=300)
     assert ref.returncode == 0, err[-3000:]
     got, expected = losses(out), losses(ref_out)
@@ -124,7 +124,7 @@ def test_submitit_launcher_requeues_and_resumes(cluster, tmp_path):
     wait_requeued(cluster, job)
     wait_job(cluster, job, lambda s: s == "COMPLETED", 240, "complete")
     log = (out / "log.txt").read_text()
-    assert "pre-emption requested: saved" in log and "resuming from" in log
+    assert "pre-emption requested: saved" in log and "requeued SLURM job" in log and "resuming from" in log
     _, err = ref.communicate(timeout=300)
     assert ref.returncode == 0, err[-3000:]
     assert losses(out) == losses(ref_out) and sorted(losses(out)) == list(range(200))

@@ -81,8 +81,9 @@ def test_scan_reads_mv_hybrid_double_bias_and_other_mixers():
         v = mambavision.create_model("vim_einfft", img_size=32, patch_size=8, embed_dim=32, depth=2)
         s = scan_model(v)
         assert len(s) == 4 and sum(p.name.endswith("(bwd)") for p in s) == 2  # forward + backward per layer
-        mix = [mod for mod in v.modules() if hasattr(mod, "A_b_log")][0]
+        mix = v.layers[0].mixer
         torch.testing.assert_close(s[0].delta, F.softplus(mix.dt_proj.bias.detach().double()))  # bias applied once
+        torch.testing.assert_close(s[1].delta, F.softplus(mix.dt_proj_b.bias.detach().double()))  # backward branch
     if "hydra_einfft" in names:
         h = mambavision.create_model("hydra_einfft", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, headdim=16)
         s = scan_model(h)

@@ -1,17 +1,23 @@
 """The backbone contract (DESIGN.md), one parametrised test per registered backbone, tiny configs."""
+import inspect
+import io
+
 import pytest
 import torch
 from torch import nn
 
 import mambavision
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4)
+HEADS = dict(num_heads=2)  # for the backbones with attention blocks
 MODELS = mambavision.list_models()
+SSM_LAYERS_AT_DEPTH_4 = {"mv_hybrid": 2, "vim_einfft": 8, "hydra_einfft": 4, "hydra_hybrid": 2, "vit_12": 0, "vit_24": 0}
 
 
 def tiny(name, **kw):
     torch.manual_seed(0)
-    return mambavision.create_model(name, **{**TINY, **kw})
+    heads = HEADS if "num_heads" in mambavision.get_card(name).accepted_overrides else {}
+    return mambavision.create_model(name, **{**TINY, **heads, **kw})
 
 
 def test_all_six_paper_backbones_are_registered():
@@ -25,13 +31,7 @@ def test_attributes_and_no_batchnorm(name):
     assert isinstance(m.mask_token, nn.Parameter) and m.mask_token.shape[-1] == 32
     assert m.num_features in (32, 64)
     assert not any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in m.modules())
-    nwd = m.no_weight_decay()
-    assert {"cls_token", "mask_token"} <= nwd
-    params = dict(m.named_parameters())
-    assert nwd <= set(params)
-    for key in params:
-        if key.rsplit(".", 1)[-1] in ("pos_embed", "A_log", "A_b_log", "dt_bias"):
-            assert key in nwd
+    assert {"cls_token", "mask_token"} <= m.no_weight_decay()
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -120,3 +120,105 @@ def test_eval_and_train_outputs_are_consistent(name):
     torch.testing.assert_close(layers[-1][1], cls)
     assert reshaped[0].shape == (2, 32, 4, 4) and len(reshaped) == 2
     torch.testing.assert_close(reshaped[1].flatten(2).transpose(1, 2), patches)
+
+
+# --------------------------------------------------------------------------- the backbone card
+@pytest.mark.parametrize("name", MODELS)
+def test_card_is_attached_and_round_trips_as_a_plain_dict(name):
+    m = tiny(name)
+    card = mambavision.get_card(name)
+    assert m.card is card and card.name == name
+    assert m.num_features == m.embed_dim * (2 if card.pool == "cls+mean" else 1)
+    buf = io.BytesIO()
+    torch.save({"card": card.to_dict()}, buf)
+    buf.seek(0)
+    assert mambavision.BackboneCard.from_dict(torch.load(buf, weights_only=True)["card"]) == card
+    with pytest.raises(ValueError, match="unknown keys"):
+        mambavision.BackboneCard.from_dict({**card.to_dict(), "nope": 1})
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_card_preprocessing_is_valid(name):
+    card = mambavision.get_card(name)
+    pre = tiny(name).pretrained_cfg
+    assert pre == card.preprocessing()
+    assert len(card.mean) == len(card.std) == 3 and all(0 < v < 1 for v in card.mean + card.std)
+    assert card.img_size % mambavision.get_entry(name).default_cfg["patch_size"] == 0
+    from PIL import Image
+
+    x = mambavision.eval_transform(card=card)(Image.new("RGB", (300, 200), (200, 100, 150)))
+    assert x.shape == (3, card.img_size, card.img_size)
+    torch.testing.assert_close(x[:, 0, 0], (torch.tensor([200, 100, 150]) / 255 - torch.tensor(card.mean)) / torch.tensor(card.std))
+    with pytest.raises(ValueError, match="interpolation"):
+        mambavision.BackboneCard(name="x", paper_name="x", pool="cls", accepted_overrides=(), interpolation="lanczos9")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_card_layer_ids_cover_every_parameter_in_depth_order(name):
+    m = tiny(name)
+    roles = m.card.parameter_roles(m)
+    assert set(roles) == {n for n, _ in m.named_parameters()}
+    n = m.n_blocks
+    assert all(0 <= r.layer_id <= n + 1 for r in roles.values())
+    by_id = {id(p): roles[k].layer_id for k, p in m.named_parameters()}
+    block_ids = [{by_id[id(p)] for p in blk.parameters()} for blk in m.blocks]
+    assert block_ids == [{i + 1} for i in range(n)]  # one id per block, rising with depth
+    stem = list(m.patch_embed.parameters()) + m.token_parameters()
+    assert {by_id[id(p)] for p in stem} == {0}
+    assert {by_id[id(p)] for p in m.norm.parameters()} == {n + 1}
+    assert {k for k, r in roles.items() if r.patch_embed} == {f"patch_embed.{k}" for k, _ in m.patch_embed.named_parameters()}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_card_no_weight_decay_set(name):
+    m = tiny(name)
+    params = dict(m.named_parameters())
+    nwd = m.no_weight_decay()
+    assert nwd == m.card.no_weight_decay(m) and nwd <= set(params)
+    ids = {id(params[k]) for k in nwd}
+    assert all(id(p) in ids for p in m.token_parameters())
+    assert all(id(p) in ids for layer in m.card.ssm_layers(m) for p in layer.parameters())
+    assert all(id(p) in ids for p in m.parameters() if p.ndim <= 1)
+    for blk in m.blocks:  # every block has decayed matrices
+        assert any(p.ndim >= 2 and id(p) not in ids for p in blk.parameters())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_card_ssm_layers(name):
+    m = tiny(name)
+    layers = list(m.card.ssm_layers(m))
+    assert len(layers) == SSM_LAYERS_AT_DEPTH_4[name]
+    own = {id(p) for p in m.parameters()}
+    for layer in layers:
+        assert all(id(p) in own for p in layer.parameters())
+        assert layer.A_log.shape[0] == layer.dt_bias.shape[0] == layer.D.shape[0]
+        assert (layer.A < 0).all() and layer.dt_bias_applications in (1, 2)
+        if layer.kind == "mamba1":
+            n, rank = layer.A_log.shape[1], layer.dt_weight.shape[1]
+            assert layer.x_proj.out_features == rank + 2 * n and layer.dt_weight.shape[0] == layer.A_log.shape[0]
+    if name == "mv_hybrid":  # the release adds the dt bias twice
+        assert all(layer.dt_bias_applications == 2 for layer in layers)
+
+
+def _default(entry, key):
+    if key in entry.default_cfg:
+        return entry.default_cfg[key]
+    return inspect.signature(entry.cls.__init__).parameters[key].default
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_card_accepted_overrides_build_and_others_are_refused(name):
+    entry = mambavision.get_entry(name)
+    card = entry.card
+    base = {**TINY, **(HEADS if "num_heads" in card.accepted_overrides else {})}
+    for key in card.accepted_overrides:
+        value = base.get(key, _default(entry, key))
+        assert tiny(name, **{key: value}).model_cfg[key] == value, key
+    with pytest.raises(TypeError, match=r"unknown override\(s\) \['no_such_key'\]"):
+        tiny(name, no_such_key=1)
+
+
+def test_vim_refuses_num_heads_which_it_would_ignore():
+    assert "num_heads" not in mambavision.get_card("vim_einfft").accepted_overrides
+    with pytest.raises(TypeError, match=r"create_model\('vim_einfft'\): unknown override\(s\) \['num_heads'\]"):
+        mambavision.create_model("vim_einfft", num_heads=6)

@@ -101,3 +101,39 @@ def test_eval_transform_matches_training_normalisation():
     torch.testing.assert_close(x[:, 100, 100], expected.float(), atol=1e-3, rtol=0)
     m = mambavision.create_model("mv_hybrid", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2).eval()
     assert m(mambavision.eval_transform(32)(img).unsqueeze(0)).shape == (1, 64)
+
+
+def test_trainer_checkpoint_card_rebuilds_without_reading_the_weights(tmp_path, tiny_model):
+    """A checkpoint that stores the card and the complete config is rebuilt from them: nothing is inferred
+    from the weights, and the card's recorded preprocessing travels with the model."""
+    from mambavision.pretrained import checkpoint_card, checkpoint_normalization
+
+    card = mambavision.get_card("mv_hybrid").with_normalization((0.5, 0.4, 0.3), (0.2, 0.2, 0.2), "training config")
+    cfg = {**mambavision.get_entry("mv_hybrid").default_cfg, **TINY}
+    path = tmp_path / "teacher_checkpoint.pth"
+    sd = {f"backbone.{k}": v for k, v in tiny_model.state_dict().items()}
+    torch.save({"teacher": sd, "backbone_config": {"name": "mv_hybrid", "kwargs": cfg, "card": card.to_dict()}}, path)
+    m = mambavision.load_pretrained(str(path))
+    _same(m, tiny_model)
+    assert m.card.mean == (0.5, 0.4, 0.3) and m.card.normalization_source == "checkpoint"
+    assert m.card.pool == "cls+mean" and m.pretrained_cfg["std"] == (0.2, 0.2, 0.2)
+    assert checkpoint_card(str(path)) == m.card
+    assert checkpoint_normalization(str(path)) == ((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    # the stored config is authoritative: a wrong depth there is a clear mismatch, not silently "fixed"
+    torch.save({"teacher": sd, "backbone_config": {"name": "mv_hybrid", "kwargs": {**cfg, "depth": 3},
+                                                   "card": card.to_dict()}}, path)
+    with pytest.raises(RuntimeError, match="missing keys"):
+        mambavision.load_pretrained(str(path))
+
+
+def test_released_layout_infers_depth_through_the_card(tmp_path):
+    """The paper's release records no configuration; depth comes from the deepest block the weights hold
+    (found with the card on a meta-device copy), so a depth-3 checkpoint loads strictly."""
+    torch.manual_seed(0)
+    m3 = mambavision.create_model("mv_hybrid", **{**TINY, "depth": 3})
+    path = tmp_path / "teacher_checkpoint.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in m3.state_dict().items()}}, path)
+    loaded = mambavision.load_pretrained(str(path), "mv_hybrid", num_heads=2, img_size=32)
+    assert loaded.n_blocks == 3 and loaded.model_cfg["depth"] == 3
+    assert loaded.card == mambavision.get_card("mv_hybrid")  # nothing recorded: the registry's H&E card
+    _same(loaded, m3)

@@ -12,6 +12,11 @@ from mambavision.models.hydra import HydraMixer
 from mambavision.models.vim import VimMixer, middle_cls_pos_embed
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+TINY_VIM = {k: v for k, v in TINY.items() if k != "num_heads"}  # no attention: vim_einfft refuses num_heads
+
+
+def tiny_kw(name):
+    return TINY_VIM if name == "vim_einfft" else TINY
 
 
 def n_params(m):
@@ -233,7 +238,7 @@ def test_middle_cls_position_embedding():
 @pytest.mark.parametrize("hw,cls_index", [((32, 32), 8), ((16, 24), 3)])
 def test_cls_token_in_the_middle_with_its_position(name, hw, cls_index):
     torch.manual_seed(0)
-    m = mambavision.create_model(name, **TINY).eval()
+    m = mambavision.create_model(name, **tiny_kw(name)).eval()
     tokens, idx = m.prepare_tokens_with_masks(torch.randn(2, 3, *hw))
     assert idx == cls_index
     pos = middle_cls_pos_embed(m.pos_embed, (hw[0] // 8, hw[1] // 8))
@@ -242,7 +247,7 @@ def test_cls_token_in_the_middle_with_its_position(name, hw, cls_index):
 
 def test_vim_residual_stream_is_fp32():
     torch.manual_seed(0)
-    m = mambavision.create_model("vim_einfft", **TINY).to(torch.bfloat16).eval()
+    m = mambavision.create_model("vim_einfft", **TINY_VIM).to(torch.bfloat16).eval()
     with torch.no_grad():
         out = m(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16), is_training=True)
     assert out["x_prenorm"].dtype == torch.float32
@@ -250,17 +255,18 @@ def test_vim_residual_stream_is_fp32():
 
 
 def test_global_pool_choices():
-    assert mambavision.create_model("vim_einfft", **TINY).num_features == 32  # CLS, as Vim
+    assert mambavision.create_model("vim_einfft", **TINY_VIM).num_features == 32  # CLS, as Vim
     assert mambavision.create_model("hydra_einfft", **TINY).num_features == 64  # cat[CLS, mean], as MV_Hybrid
 
 
 @pytest.mark.parametrize("name", ["vim_einfft", "hydra_hybrid"])
 def test_load_pretrained_round_trip(tmp_path, name):
     torch.manual_seed(0)
-    m = mambavision.create_model(name, **TINY).eval()
+    m = mambavision.create_model(name, **tiny_kw(name)).eval()
     path = tmp_path / "teacher_checkpoint.pth"
     torch.save({"teacher": {f"backbone.{k}": v for k, v in m.state_dict().items()}}, path)
-    loaded = mambavision.load_pretrained(str(path), name, img_size=32, num_heads=2)
+    heads = {} if name == "vim_einfft" else {"num_heads": 2}
+    loaded = mambavision.load_pretrained(str(path), name, img_size=32, **heads)
     assert loaded.n_blocks == 2 and not loaded.training
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
