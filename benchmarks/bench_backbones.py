@@ -18,6 +18,12 @@ import mambavision
 CASES = [("256 train", 256, 64, True), ("256 infer", 256, 128, False), ("112 train", 112, 512, True), ("112 infer", 112, 1024, False)]
 
 
+def tiny_overrides(name):
+    """A tiny version of a registered backbone (CPU smoke runs): only the overrides its card accepts."""
+    accepted = mambavision.get_card(name).accepted_overrides
+    return {k: v for k, v in dict(embed_dim=64, depth=4, num_heads=2).items() if k in accepted}
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -58,13 +64,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    overrides = dict(embed_dim=64, depth=4, num_heads=2) if args.tiny else {}
     cases = [(n, s, max(1, b // 64) if args.tiny else b, t) for n, s, b, t in CASES]
     models = args.models.split(",")
     results = {}
     for name in models:
         torch.manual_seed(0)
-        model = mambavision.create_model(name, **overrides).to(device)
+        model = mambavision.create_model(name, **(tiny_overrides(name) if args.tiny else {})).to(device)
         results[name] = {c[0]: measure(model, c[1], c[2], c[3], device, dtype, args.steps, args.warmup) for c in cases}
         del model
         if device.type == "cuda":

@@ -35,7 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import mambavision  # noqa: E402
-from bench_backbones import CASES, measure  # noqa: E402
+from bench_backbones import CASES, measure, tiny_overrides  # noqa: E402
 from bench_selective_scan import make_inputs  # noqa: E402
 from mambavision.layers import EinFFT  # noqa: E402
 
@@ -102,11 +102,10 @@ def build_backbone(spec, tiny):
     whole forward in CUDA graphs, torch.compile's ``reduce-overhead``). Returns (model, scan)."""
     m = re.fullmatch(r"([\w:]+)(?:\[(.*)\])?", spec)
     name, opts = m.group(1), dict(kv.split("=") for kv in (m.group(2) or "").split(",") if kv)
-    kw = dict(embed_dim=64, depth=4, num_heads=2) if tiny else {}
     if name.startswith("timm:"):
-        model = TimmAsBackbone(name[5:], 256, **kw)
+        model = TimmAsBackbone(name[5:], 256, **(dict(embed_dim=64, depth=4, num_heads=2) if tiny else {}))
     else:
-        model = mambavision.create_model(name, **kw)
+        model = mambavision.create_model(name, **(tiny_overrides(name) if tiny else {}))
     if "einfft" in opts:
         for mod in model.modules():
             if isinstance(mod, EinFFT):
@@ -249,8 +248,8 @@ def _synthetic_batch(cfg, seed=0):
                                  mask_generator=MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid))
 
 
-def _tiny_opts():
-    return ["student.model_kwargs.embed_dim=64", "student.model_kwargs.depth=4", "student.model_kwargs.num_heads=2",
+def _tiny_opts(arch="mv_hybrid"):
+    return [f"student.model_kwargs.{k}={v}" for k, v in tiny_overrides(arch).items()] + [
             "crops.global_crops_size=64", "crops.local_crops_size=32", "crops.local_crops_number=2",
             "train.batch_size_per_gpu=4", "dino.head_n_prototypes=256", "ibot.head_n_prototypes=256",
             "dino.head_hidden_dim=128", "ibot.head_hidden_dim=128"]
@@ -265,7 +264,7 @@ def _step_row(args, device, peak, arch, mode):
     from dino.utils.throughput import count_step_flops
 
     opts = PRECISIONS[mode] + [f"train.batch_size_per_gpu={args.step_batch}"]
-    cfg = build_config(os.path.join(REPO, "configs", "train", f"{arch}.yaml"), opts + (_tiny_opts() if args.tiny else []))
+    cfg = build_config(os.path.join(REPO, "configs", "train", f"{arch}.yaml"), opts + (_tiny_opts(arch) if args.tiny else []))
     configure_tf32(cfg.compute_precision.tf32)
     torch.manual_seed(0)
     model = SSLMetaArch(cfg)

@@ -10,7 +10,7 @@ from dino.configs.config import ConfigError
 from dino.train import train as train_mod
 from dino.utils import precision
 from dino.utils.throughput import Throughput, count_flops, count_step_flops
-from tests.dino.test_ssl_meta_arch import TINY, build, make_batch, tiny_cfg
+from tests.dino.test_ssl_meta_arch import build, make_batch, tiny_cfg
 
 
 def test_tf32_switch_sets_both_backends():
