@@ -331,7 +331,7 @@ def bench_loader(args, device, report):
 
     rows = {}
     for workers in [int(w) for w in args.workers.split(",")]:
-        opts = [f"train.num_workers={workers}", "train.dataset_path=Synthetic:length=100000:image_size=256",
+        opts = [f"train.num_workers={workers}", f"train.dataset_path={args.loader_dataset}",
                 f"train.batch_size_per_gpu={args.step_batch}"] + (_tiny_opts() if args.tiny else [])
         cfg = build_config(os.path.join(REPO, "configs", "train", "mv_hybrid.yaml"), opts)
         it = iter(build_data_loader(cfg, 0, device))
@@ -344,7 +344,7 @@ def bench_loader(args, device, report):
         rows[f"{workers} workers"] = cfg.train.batch_size_per_gpu * n / (time.perf_counter() - t0)
         del it
         print(f"  loader {workers} workers: {rows[f'{workers} workers']:.0f} images/s", flush=True)
-    lines = [f"Data loader alone, paper config (Synthetic 256-px tissue, 2 x 256 + 8 x 112 crops, batch {args.step_batch}), "
+    lines = [f"Data loader alone, paper config ({args.loader_dataset}, 2 x 256 + 8 x 112 crops, batch {args.step_batch}), "
              f"{os.cpu_count()} CPU cores", "", "| workers | images/s |", "|---|---|"]
     lines += [f"| {k.split()[0]} | {v:.0f} |" for k, v in rows.items()]
     report.add("loader", rows, lines)
@@ -446,6 +446,8 @@ def main(argv=None):
     p.add_argument("--precisions", default=",".join(PRECISIONS), help=f"subset of {list(PRECISIONS)}")
     p.add_argument("--step-batch", type=int, default=64, help="batch per GPU for step and loader (paper: 64)")
     p.add_argument("--workers", default="8,15", help="loader worker counts")
+    p.add_argument("--loader-dataset", default="Synthetic:length=100000:image_size=256",
+                   help="train.dataset_path of the loader section, e.g. Folder:root=/data/patches for real patches")
     p.add_argument("--scan-configs", default="2x32x2,2x32x4,4x32x4,4x16x4,2x64x2,2x64x4,4x64x4,8x16x4,8x32x4",
                    help="Triton scan launch configurations to sweep (channels x chunk x warps); '' to skip")
     p.add_argument("--profile", default="mv_hybrid[einfft=fft],mv_hybrid,mv_hybrid[scan=triton,compile=model],vit_12",

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+import mambavision
+
 from dino.configs import ConfigError, apply_scaling_rules, build_config, write_config
 from dino.configs.config import REPO_ROOT
 
@@ -119,6 +121,8 @@ def test_paper_recipe(path):
     assert (cfg.crops.global_crops_size, list(cfg.crops.global_crops_scale)) == (256, [0.32, 1.0])
     assert (cfg.crops.local_crops_number, cfg.crops.local_crops_size, list(cfg.crops.local_crops_scale)) == (8, 112, [0.05, 0.32])
     assert list(cfg.augmentations.mean) == [0.7032, 0.5361, 0.6610] and cfg.augmentations.solarization is False
+    # one source for the H&E statistics: the yaml states the card's numbers
+    assert (tuple(cfg.augmentations.mean), tuple(cfg.augmentations.std)) == (mambavision.HE_MEAN, mambavision.HE_STD)
     assert list(cfg.augmentations.color_jitter) == [0.2, 0.2, 0.2, 0.1]
     assert cfg.evaluation.eval_period_iterations == 2465
     for role in ("student", "teacher"):
@@ -172,3 +176,10 @@ def test_base_chain_errors_name_the_files(tmp_path):
     (tmp_path / "child.yaml").write_text("_base_: base.yaml\ntrain:\n  seed: 3\n")
     with pytest.raises(ConfigError, match=r"base_lrr.*base\.yaml"):
         build_config(str(tmp_path / "child.yaml"))
+
+
+@pytest.mark.parametrize("path", ["configs/demo/mv_hybrid_cpu.yaml", "configs/train/paper.yaml"])
+def test_he_statistics_have_one_source(path):
+    """Configs that train with the H&E statistics state exactly the card's numbers (mambavision.card.HE_MEAN)."""
+    cfg = OmegaConf.load(REPO_ROOT / path)
+    assert (tuple(cfg.augmentations.mean), tuple(cfg.augmentations.std)) == (mambavision.HE_MEAN, mambavision.HE_STD)
