@@ -450,7 +450,7 @@ def main(argv=None):
                    help="train.dataset_path of the loader section, e.g. Folder:root=/data/patches for real patches")
     p.add_argument("--scan-configs", default="2x32x2,2x32x4,4x32x4,4x16x4,2x64x2,2x64x4,4x64x4,8x16x4,8x32x4",
                    help="Triton scan launch configurations to sweep (channels x chunk x warps); '' to skip")
-    p.add_argument("--profile", default="mv_hybrid[einfft=fft],mv_hybrid,mv_hybrid[scan=triton,compile=model],vit_12",
+    p.add_argument("--profile", default="mv_hybrid[einfft=fft],mv_hybrid,mv_hybrid[scan=triton],vit_12",
                    help="backbone specs (as in --backbones) whose train step the profile section breaks down")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
