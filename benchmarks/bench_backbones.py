@@ -18,10 +18,13 @@ import mambavision
 CASES = [("256 train", 256, 64, True), ("256 infer", 256, 128, False), ("112 train", 112, 512, True), ("112 infer", 112, 1024, False)]
 
 
+TINY = dict(embed_dim=64, depth=4, num_heads=2)  # CPU smoke runs
+
+
 def tiny_overrides(name):
-    """A tiny version of a registered backbone (CPU smoke runs): only the overrides its card accepts."""
+    """A tiny version of a registered backbone: only the overrides of TINY that its card accepts."""
     accepted = mambavision.get_card(name).accepted_overrides
-    return {k: v for k, v in dict(embed_dim=64, depth=4, num_heads=2).items() if k in accepted}
+    return {k: v for k, v in TINY.items() if k in accepted}
 
 
 def _sync(device):

@@ -35,7 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import mambavision  # noqa: E402
-from bench_backbones import CASES, measure, tiny_overrides  # noqa: E402
+from bench_backbones import CASES, TINY, measure, tiny_overrides  # noqa: E402
 from bench_selective_scan import make_inputs  # noqa: E402
 from mambavision.layers import EinFFT  # noqa: E402
 
@@ -96,6 +96,11 @@ class TimmAsBackbone(nn.Module):
         return self.m(x)
 
 
+def split_specs(specs):
+    """``a,b[k=v,k2=v2],c`` -> the specs, keeping the commas inside brackets."""
+    return re.split(r",(?![^\[]*\])", specs)
+
+
 def build_backbone(spec, tiny):
     """``name`` or ``name[key=value,...]``; keys: einfft (impl), scan (backend), compile (``blocks``: each
     block, as the trainer's ``compute_precision.compile``; ``model``: the whole forward; ``cudagraphs``: the
@@ -103,7 +108,7 @@ def build_backbone(spec, tiny):
     m = re.fullmatch(r"([\w:]+)(?:\[(.*)\])?", spec)
     name, opts = m.group(1), dict(kv.split("=") for kv in (m.group(2) or "").split(",") if kv)
     if name.startswith("timm:"):
-        model = TimmAsBackbone(name[5:], 256, **(dict(embed_dim=64, depth=4, num_heads=2) if tiny else {}))
+        model = TimmAsBackbone(name[5:], 256, **(TINY if tiny else {}))
     else:
         model = mambavision.create_model(name, **(tiny_overrides(name) if tiny else {}))
     if "einfft" in opts:
@@ -125,7 +130,7 @@ def build_backbone(spec, tiny):
 # -- sections ------------------------------------------------------------------------------------
 def bench_backbones(args, device, report):
     cases = [(n, s, max(1, b // 64) if args.tiny else b, t) for n, s, b, t in CASES]
-    specs = re.split(r",(?![^\[]*\])", args.backbones)  # commas inside name[k=v,...] stay
+    specs = split_specs(args.backbones)
     rows = {}
     for spec in specs:
         torch.manual_seed(0)
@@ -371,7 +376,7 @@ def bench_profile(args, device, report):
     rows, lines = {}, []
     batch = 8 if args.tiny else 64
     x = torch.randn(batch, 3, 256, 256, device=device)
-    for spec in re.split(r",(?![^\[]*\])", args.profile):
+    for spec in split_specs(args.profile):
         model, scan = build_backbone(spec, args.tiny)
         model = model.to(device).train()
 

@@ -96,7 +96,7 @@ def _scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     T: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):
-    pid_b = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(0).to(tl.int64)  # batch offsets can pass 2**31 elements
     pid_d = tl.program_id(1)
     offs_d = pid_d * BD + tl.arange(0, BD)
     offs_t = tl.arange(0, T)
@@ -104,14 +104,14 @@ def _scan_fwd_kernel(
     mask_d = offs_d < D
     mask_n = offs_n < N
     mask_dn = mask_d[:, None] & mask_n[None, :]
-    row = pid_b * D * L + offs_d[:, None] * L
-    bc_row = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L
+    row = pid_b * D * L + offs_d[:, None] * L  # u, delta, z, out: contiguous (b, d, l)
+    bc_row = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L  # B, C: (b, g, n, l)
     state = offs_d[:, None] * N + offs_n[None, :]
     Dv = _per_channel(D_ptr, offs_d, mask_d, HAS_D, BD)
     bias = _per_channel(bias_ptr, offs_d, mask_d, HAS_BIAS, BD)
     A2 = tl.load(A_ptr + state, mask=mask_dn, other=0.0).to(tl.float32) * LOG2E  # exp(x A) = exp2(x A log2 e)
 
-    carry = tl.zeros([BD, BN], dtype=tl.float32)
+    carry = tl.zeros([BD, BN], dtype=tl.float32)  # the state entering the chunk
     for c in range(0, n_chunks):
         t = c * T + offs_t
         mask_t = t < L
@@ -119,7 +119,7 @@ def _scan_fwd_kernel(
         ptr = row + t[None, :]
         tl.store(ckpt_ptr + (pid_b * n_chunks + c) * D * N + state, carry, mask=mask_dn)
         u = tl.load(u_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
-        dt, _ = _delta(dt_ptr, bias, ptr, m2, HAS_BIAS, SOFTPLUS)
+        dt, _ = _delta(dt_ptr, bias, ptr, m2, HAS_BIAS, SOFTPLUS)  # 0 past L: decay 1, input 0
         bc = bc_row + offs_n[:, None] * L + t[None, :]
         m_nt = mask_n[:, None] & mask_t[None, :]
         Bt = tl.load(B_ptr + bc, mask=m_nt, other=0.0).to(tl.float32)
@@ -155,13 +155,13 @@ def _scan_bwd_kernel(
     row = pid_b * D * L + offs_d[:, None] * L
     bc_row = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L
     state = offs_d[:, None] * N + offs_n[None, :]
-    part_row = (pid_b * n_dblocks + pid_d) * N * L
+    part_row = (pid_b * n_dblocks + pid_d) * N * L  # this program's partial sums of dB, dC: (b, d-blocks, n, l)
     Dv = _per_channel(D_ptr, offs_d, mask_d, HAS_D, BD)
     bias = _per_channel(bias_ptr, offs_d, mask_d, HAS_BIAS, BD)
     A = tl.load(A_ptr + state, mask=mask_dn, other=0.0).to(tl.float32)
     A2 = A * LOG2E
 
-    g_carry = tl.load(dlast_ptr + pid_b * D * N + state, mask=mask_dn, other=0.0).to(tl.float32)
+    g_carry = tl.load(dlast_ptr + pid_b * D * N + state, mask=mask_dn, other=0.0).to(tl.float32)  # dL/dh after the chunk
     dA = tl.zeros([BD, BN], dtype=tl.float32)
     dD = tl.zeros([BD], dtype=tl.float32)
     dbias = tl.zeros([BD], dtype=tl.float32)
@@ -174,7 +174,7 @@ def _scan_bwd_kernel(
         u = tl.load(u_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
         dt, raw = _delta(dt_ptr, bias, ptr, m2, HAS_BIAS, SOFTPLUS)
         m2_next = mask_d[:, None] & (t + 1 < L)[None, :]
-        dt_next, _ = _delta(dt_ptr, bias, ptr + 1, m2_next, HAS_BIAS, SOFTPLUS)
+        dt_next, _ = _delta(dt_ptr, bias, ptr + 1, m2_next, HAS_BIAS, SOFTPLUS)  # 0 at L-1: the adjoint's decay is 1
         dout = tl.load(dout_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
         dy = dout
         if HAS_Z:
@@ -228,14 +228,25 @@ def _block_d(chans_per_group: int, bd: int) -> int:
     return bd
 
 
-def _launch(u, A, B):
+def _launch(u, A, B, D, z, delta_bias, delta_softplus):
+    """Grid, chunk count, channels per B/C group and the kernels' compile-time arguments."""
     b, d, l = u.shape
     n, groups = A.shape[1], B.shape[1]
     cpg = d // groups
     bd, chunk, warps = _config(l)
     bd = _block_d(cpg, bd)
-    meta = dict(T=chunk, BD=bd, BN=max(triton.next_power_of_2(n), 2), num_warps=warps)
+    meta = dict(T=chunk, BD=bd, BN=max(triton.next_power_of_2(n), 2), num_warps=warps, HAS_D=D is not None,
+                HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
     return (b, triton.cdiv(d, bd)), triton.cdiv(l, chunk), cpg, meta
+
+
+def _contiguous(*tensors):
+    return [t.contiguous() if t is not None else None for t in tensors]
+
+
+def _or_dummy(t, like):
+    # The kernels take a pointer for every optional input; an absent one gets a placeholder it never reads.
+    return t if t is not None else like.new_empty(1, dtype=torch.float32)
 
 
 # The kernels are registered as PyTorch custom ops (forward, backward, and the autograd rule joining them), so
@@ -244,16 +255,12 @@ def _launch(u, A, B):
 def _fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
             D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
             delta_softplus: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    u, delta, B, C, A = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous(), A.contiguous()
-    z = z.contiguous() if z is not None else None
+    u, delta, A, B, C, z = _contiguous(u, delta, A, B, C, z)
     out, last, ckpt = _fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    grid, n_chunks, cpg, meta = _launch(u, A, B)
-    dummy = u.new_empty(1, dtype=torch.float32)
-    opt = lambda t: t if t is not None else dummy  # noqa: E731
+    grid, n_chunks, cpg, meta = _launch(u, A, B, D, z, delta_bias, delta_softplus)
     _scan_fwd_kernel[grid](
-        u, delta, A, B, C, opt(D), opt(z), opt(delta_bias), out, last, ckpt,
-        u.shape[2], u.shape[1], A.shape[1], cpg, n_chunks,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, **meta,
+        u, delta, A, B, C, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u), out, last, ckpt,
+        u.shape[2], u.shape[1], A.shape[1], cpg, n_chunks, **meta,
     )
     return out, last, ckpt
 
@@ -272,11 +279,10 @@ def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
 def _bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
             D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
             ckpt: torch.Tensor, dout: torch.Tensor, dlast: torch.Tensor, delta_softplus: bool) -> List[torch.Tensor]:
-    u, delta, B, C, A = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous(), A.contiguous()
-    z = z.contiguous() if z is not None else None
+    u, delta, A, B, C, z = _contiguous(u, delta, A, B, C, z)
     b, d, l = u.shape
     n, groups = A.shape[1], B.shape[1]
-    grid, n_chunks, cpg, meta = _launch(u, A, B)
+    grid, n_chunks, cpg, meta = _launch(u, A, B, D, z, delta_bias, delta_softplus)
     dout, dlast = dout.contiguous(), dlast.to(torch.float32).contiguous()
     f32 = dict(dtype=torch.float32)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
@@ -287,13 +293,11 @@ def _bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tens
     dC_part = u.new_empty((b, grid[1], n, l), **f32)
     dD = torch.zeros_like(D, **f32) if D is not None else None
     dbias = torch.zeros_like(delta_bias, **f32) if delta_bias is not None else None
-    dummy = u.new_empty(1, dtype=torch.float32)
-    opt = lambda t: t if t is not None else dummy  # noqa: E731
+    opt = lambda t: _or_dummy(t, u)  # noqa: E731
     _scan_bwd_kernel[grid](
         u, delta, A, B, C, opt(D), opt(z), opt(delta_bias), dout, dlast, ckpt,
         du, ddelta, dA, dB_part, dC_part, opt(dD), opt(dz), opt(dbias),
-        l, d, n, cpg, n_chunks, grid[1],
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, **meta,
+        l, d, n, cpg, n_chunks, grid[1], **meta,
     )
     dB = dB_part.view(b, groups, grid[1] // groups, n, l).sum(2)
     dC = dC_part.view(b, groups, grid[1] // groups, n, l).sum(2)
