@@ -4,9 +4,10 @@ Runs ``python -m dino.train`` on a paper config once per mode (default: fp32 wit
 setting, against the bf16 mode), same seed and data, then writes the two curves as JSON and PNG and
 prints a table of the logged losses with their largest differences.
 
-The recipe's schedules are in epochs; ``--iterations N`` keeps all of them and shrinks the epoch to
-N / epochs iterations, so a short check still passes through the lr warm-up to the peak learning rate
-and into the cosine decay, instead of sampling the first 0.1% of a 125k-iteration run.
+The recipe's schedules are in epochs. ``--iterations N`` runs 100 epochs of N / 100 iterations (the paper
+recipe has 200): the warm-ups keep their length in epochs (lr 10, teacher temperature 30), so a short
+check passes through the lr warm-up to the peak learning rate and the whole cosine decay, instead of
+sampling the first 0.1% of a 98,600-iteration run.
 
     python benchmarks/precision_check.py --arch mv_hybrid --iterations 300 --batch 32
 """
@@ -34,9 +35,9 @@ def read_metrics(path):
 
 
 def run_mode(args, mode, out_dir):
-    epochs = 100  # configs/train/paper.yaml's optim.epochs
+    epochs = 100  # of N / 100 iterations each: a round number of short epochs (the paper recipe has 200)
     if args.iterations % epochs:
-        raise SystemExit(f"--iterations must be a multiple of {epochs} (the recipe's epochs)")
+        raise SystemExit(f"--iterations must be a multiple of {epochs} (the epochs of the shortened run)")
     cmd = [sys.executable, "-m", "dino.train", "--config-file", os.path.join(REPO, "configs", "train", f"{args.arch}.yaml"),
            "--output-dir", out_dir, f"train.dataset_path={args.dataset}", f"train.batch_size_per_gpu={args.batch}",
            f"train.num_workers={args.workers}", f"train.OFFICIAL_EPOCH_LENGTH={args.iterations // epochs}",
