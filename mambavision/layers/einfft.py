@@ -37,40 +37,42 @@ def _complex_linear(xr, xi, w, b):
     return real, imag
 
 
-def _dft_constants(L: int, num_blocks: int, block_size: int, device, dtype):
-    """Cosine/sine matrices of the orthonormal token DFT, (L, L), and the block DFT's phases
-    (num_blocks, num_blocks); built in float64, cached per (L, blocks, device, dtype)."""
-    key = (L, num_blocks, block_size, str(device), dtype)
+def _dft_constants(L: int, rows: int, num_blocks: int, block_size: int, device, dtype):
+    """Cosine/sine matrices of the orthonormal token DFT, (rows, rows) with the (L, L) DFT in the top-left
+    corner and zeros elsewhere, and the block DFT's phases (num_blocks, num_blocks); built in float64,
+    cached per (L, rows, blocks, device, dtype)."""
+    key = (L, rows, num_blocks, block_size, str(device), dtype)
     hit = _DFT_CACHE.get(key)
     if hit is None:
-        hit = _DFT_CACHE[key] = _build_dft_constants(L, num_blocks, block_size, device, dtype)
+        hit = _DFT_CACHE[key] = _build_dft_constants(L, rows, num_blocks, block_size, device, dtype)
     return hit
+
+
+def _token_rows(L: int, device) -> int:
+    """Rows of the token products: L rounded up to 8. cuBLAS needs the contraction length to be a multiple of
+    8 bf16 elements for its aligned tensor-core kernels; at 257 or 50 tokens it falls back to slow ``align1``
+    kernels (6.3 of 67.6 ms of an mv_hybrid step, docs/performance.md). The zero rows change no value. On the
+    meta device, where the trainer counts model FLOPs for its MFU, the padding's zeros are not counted."""
+    return L if device.type == "meta" else -(-L // 8) * 8
 
 
 # Cached across calls, so never inference tensors: a model evaluated under torch.inference_mode() and then
 # trained in the same process would otherwise fail to save them for backward.
 @torch.inference_mode(False)
 @torch.no_grad()
-def _build_dft_constants(L, num_blocks, block_size, device, dtype):
+def _build_dft_constants(L, rows, num_blocks, block_size, device, dtype):
     k = torch.arange(L, dtype=torch.float64)
     ang = 2 * math.pi * torch.remainder(torch.outer(k, k), L) / L  # remainder keeps kl*2pi/L accurate
-    fc, fs = torch.cos(ang) / math.sqrt(L), torch.sin(ang) / math.sqrt(L)
+    fc = torch.zeros(rows, rows, dtype=torch.float64)
+    fs = torch.zeros(rows, rows, dtype=torch.float64)
+    fc[:L, :L], fs[:L, :L] = torch.cos(ang) / math.sqrt(L), torch.sin(ang) / math.sqrt(L)
     j = torch.arange(num_blocks, dtype=torch.float64)
     th = 2 * math.pi * torch.outer(j, j) / num_blocks  # theta[j, b]
     bc, bs = torch.cos(th) / math.sqrt(num_blocks), torch.sin(th) / math.sqrt(num_blocks)
     # Inverse block DFT, real part of the output: out[(b,d)] = sum_j bc[j,b] Vr[(j,d)] - bs[j,b] Vi[(j,d)].
     eye = torch.eye(block_size, dtype=torch.float64)
     g_r, g_i = torch.kron(bc, eye), -torch.kron(bs, eye)
-    # Stored with a row stride padded to 8 elements: an odd leading dimension (257) sends cuBLAS to
-    # slow unaligned kernels. The views keep the exact (L, L) shape.
-    lp = -(-L // 8) * 8
-
-    def aligned(t):
-        buf = torch.zeros(t.shape[0], lp, dtype=dtype, device=device)
-        buf[:, : t.shape[1]] = t.to(device=device, dtype=dtype)
-        return buf[:, : t.shape[1]]
-
-    hit = (aligned(fc), aligned(fs), g_r.to(device=device, dtype=dtype), g_i.to(device=device, dtype=dtype))
+    hit = tuple(t.to(device=device, dtype=dtype) for t in (fc, fs, g_r, g_i))
     hit += (bc.to(device=device), bs.to(device=device))  # float64: cast to the weights' dtype at use
     return hit
 
@@ -124,7 +126,8 @@ class EinFFT(nn.Module):
         B, L, C = x.shape
         nb, bs = self.num_blocks, self.block_size
         cdt = compute_dtype(x)
-        fc, fs, g_r, g_i, bc, bsn = _dft_constants(L, nb, bs, x.device, cdt)
+        rows = _token_rows(L, x.device)
+        fc, fs, g_r, g_i, bc, bsn = _dft_constants(L, rows, nb, bs, x.device, cdt)
         w1, w2, b1, b2 = self.complex_weight_1, self.complex_weight_2, self.complex_bias_1, self.complex_bias_2
         bc, bsn = bc.to(w1.dtype), bsn.to(w1.dtype)
 
@@ -133,25 +136,27 @@ class EinFFT(nn.Module):
         m_i = (torch.einsum("jb,jdk->bdjk", bc, w1[1]) - torch.einsum("jb,jdk->bdjk", bsn, w1[0])).reshape(C, C)
         w2_r, w2_i = torch.block_diag(*w2[0]), torch.block_diag(*w2[1])
 
-        # Token-major (L, B*C): token products are plain (L, L) @ (L, B*C) GEMMs, channel products
-        # (L*B, C) @ (C, C) GEMMs on the same memory.
-        xt = x.to(cdt).transpose(0, 1).reshape(L * B, C)  # cast first: the transpose copy moves half the bytes
-        u_r, u_i = (xt @ m_r).view(L, B * C), (xt @ m_i).view(L, B * C)
+        # Token-major (rows, B*C): token products are plain (rows, rows) @ (rows, B*C) GEMMs, channel products
+        # (rows*B, C) @ (C, C) GEMMs on the same memory. Rows past L are zeros in, and never reach the output
+        # (the DFT matrices' columns past L are zero).
+        xt = x.to(cdt).transpose(0, 1)  # cast first: the transpose copy moves half the bytes
+        xt = (F.pad(xt, (0, 0, 0, 0, 0, rows - L)) if rows > L else xt.contiguous()).view(rows * B, C)
+        u_r, u_i = (xt @ m_r).view(rows, B * C), (xt @ m_i).view(rows, B * C)
 
-        def tile(b):  # a per-channel bias broadcast over the (L, B*C) layout
+        def tile(b):  # a per-channel bias broadcast over the (rows, B*C) layout
             return b.reshape(C).repeat(B)
 
         # Z = F_L U + b1, F_L = fc - i fs; relu on each part.
         z_r = torch.addmm(torch.addmm(tile(b1[0]), fc, u_r), fs, u_i).relu_()
         z_i = torch.addmm(torch.addmm(tile(b1[1]), fc, u_i), fs, u_r, alpha=-1).relu_()
-        z_r, z_i = z_r.view(L * B, C), z_i.view(L * B, C)
+        z_r, z_i = z_r.view(rows * B, C), z_i.view(rows * B, C)
         # S = softshrink(Z W2 + b2), W2 block-diagonal complex.
         lam = self.sparsity_threshold
         s_r = F.softshrink(torch.addmm(torch.addmm(b2[0].reshape(C), z_r, w2_r), z_i, w2_i, alpha=-1), lam)
         s_i = F.softshrink(torch.addmm(torch.addmm(b2[1].reshape(C), z_r, w2_i), z_i, w2_r), lam)
-        s_r, s_i = s_r.view(L, B * C), s_i.view(L, B * C)
+        s_r, s_i = s_r.view(rows, B * C), s_i.view(rows, B * C)
         # V = F_L^{-1} S, F_L^{-1} = fc + i fs; then the real part of the inverse block DFT.
-        v_r = torch.addmm(fc @ s_r, fs, s_i, alpha=-1).view(L * B, C)
-        v_i = torch.addmm(fs @ s_r, fc, s_i).view(L * B, C)
+        v_r = torch.addmm(fc @ s_r, fs, s_i, alpha=-1).view(rows * B, C)
+        v_i = torch.addmm(fs @ s_r, fc, s_i).view(rows * B, C)
         out = torch.addmm(v_r @ g_r, v_i, g_i)
-        return out.view(L, B, C).transpose(0, 1)  # a view; the residual add makes it contiguous
+        return out.view(rows, B, C)[:L].transpose(0, 1)  # a view; the residual add makes it contiguous

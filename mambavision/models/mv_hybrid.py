@@ -15,11 +15,13 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from ..card import SSMLayer, SSMMixer
-from ..layers import attention_start, hybrid_blocks, init_mambavision_weights, insert_middle_cls
+from ..layers import (
+    attention_start, channel_first_linear, channels_to_tokens, hybrid_blocks, init_mambavision_weights,
+    insert_middle_cls, tokens_to_channels,
+)
 from ..ops import selective_scan_fn
 from ..registry import register_model
 from .backbone import Backbone
@@ -64,24 +66,21 @@ class MambaVisionMixer(SSMMixer, nn.Module):
         return F.silu(F.conv1d(x, conv.weight, conv.bias, groups=conv.groups))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        _, L, _ = hidden_states.shape
-        xz = rearrange(self.in_proj(hidden_states), "b l d -> b d l")
-        x, z = xz.chunk(2, dim=1)
+        # Channel-first (b, d, l) from the first projection to the last, the layout of the convolutions and
+        # the scan; the projections at either end read the transposed operand in place (layers/channel_first).
+        x, z = tokens_to_channels(hidden_states, self.in_proj.weight).chunk(2, dim=1)
         x = self._conv(x, self.conv1d_x)
         z = self._conv(z, self.conv1d_z)
-        x_dbl = self.x_proj(rearrange(x, "b d l -> (b l) d"))
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        x_dbl = channel_first_linear(x, self.x_proj.weight)  # (b, dt_rank + 2 n, l)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         # dt_proj includes its bias, and the scan adds it again as delta_bias (release quirk).
-        dt = rearrange(self.dt_proj(dt), "(b l) d -> b d l", l=L)
-        B = rearrange(B, "(b l) n -> b n l", l=L).contiguous()
-        C = rearrange(C, "(b l) n -> b n l", l=L).contiguous()
+        dt = channel_first_linear(dt, self.dt_proj.weight, self.dt_proj.bias)
         A = -torch.exp(self.A_log.float())
         y = selective_scan_fn(
-            x.contiguous(), dt.contiguous(), A, B, C, self.D.float(), z=None,
+            x, dt, A, B.contiguous(), C.contiguous(), self.D.float(), z=None,
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
         )
-        y = torch.cat([y.to(z.dtype), z], dim=1)
-        return self.out_proj(rearrange(y, "b d l -> b l d"))
+        return channels_to_tokens(torch.cat([y.to(z.dtype), z], dim=1), self.out_proj.weight)
 
 
 class MVHybrid(Backbone):

@@ -17,7 +17,8 @@ from torch import nn
 
 from ..card import SSMLayer, SSMMixer
 from ..layers import (
-    DropPath, EinFFT, RMSNorm, drop_path_rates, insert_middle_cls, inverse_softplus_dt, lecun_normal_, middle_cls_pos_embed,
+    DropPath, EinFFT, RMSNorm, channel_first_linear, channels_to_tokens, drop_path_rates, insert_middle_cls,
+    inverse_softplus_dt, lecun_normal_, middle_cls_pos_embed, tokens_to_channels,
 )
 from ..ops import causal_conv1d_fn, selective_scan_fn
 from ..registry import register_model
@@ -67,26 +68,24 @@ class VimMixer(SSMMixer, nn.Module):
 
     def _branch(self, x, z, conv, x_proj, dt_proj, A_log, D):
         """One direction: causal conv + SiLU, input-dependent (dt, B, C), selective scan gated by z."""
-        L = x.shape[-1]
         x = causal_conv1d_fn(x, rearrange(conv.weight, "d 1 k -> d k"), conv.bias, activation="silu")
-        dt, B, C = torch.split(x_proj(rearrange(x, "b d l -> (b l) d")), [self.dt_rank, self.d_state, self.d_state], -1)
+        # Channel-first throughout (layers/channel_first): no activation is transposed in memory.
+        x_dbl = channel_first_linear(x, x_proj.weight)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         # dt_proj's weight only: its bias enters once, as the scan's delta_bias (unlike MV_Hybrid).
-        dt = rearrange(dt @ dt_proj.weight.t(), "(b l) d -> b d l", l=L)
-        B = rearrange(B, "(b l) n -> b n l", l=L).contiguous()
-        C = rearrange(C, "(b l) n -> b n l", l=L).contiguous()
+        dt = channel_first_linear(dt, dt_proj.weight)
         A = -torch.exp(A_log.float())
         return selective_scan_fn(
-            x.contiguous(), dt.contiguous(), A, B, C, D.float(), z=z.contiguous(),
+            x, dt, A, B.contiguous(), C.contiguous(), D.float(), z=z.contiguous(),
             delta_bias=dt_proj.bias.float(), delta_softplus=True,
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        xz = rearrange(self.in_proj(hidden_states), "b l d -> b d l")
-        x, z = xz.chunk(2, dim=1)
+        x, z = tokens_to_channels(hidden_states, self.in_proj.weight).chunk(2, dim=1)
         y_f = self._branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         y_b = self._branch(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
         y = (y_f + y_b.flip(-1)) / 2
-        return self.out_proj(rearrange(y, "b d l -> b l d").to(hidden_states.dtype))
+        return channels_to_tokens(y, self.out_proj.weight)
 
 
 class VimBlock(nn.Module):

@@ -109,3 +109,48 @@ def test_cached_dft_matrices_survive_inference_mode_then_training():
     x = torch.randn(2, 7, 32, requires_grad=True)
     m(x).sum().backward()  # would raise "Inference tensors cannot be saved for backward"
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("L", [257, 50])
+def test_every_matrix_product_has_aligned_sizes(L):
+    """Regression (H200 profile, 7232740): at 257 and 50 tokens the token products contracted over an odd
+    length, and cuBLAS ran them on ``cutlass_75 ... align1`` kernels (6.3 of 67.6 ms of an mv_hybrid step).
+    Every product of the fast path, forward and backward, now has sizes that are multiples of 8."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    mm_ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+    sizes = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in mm_ops:
+                a, b = args[-2], args[-1]
+                sizes.append((*a.shape[-2:], b.shape[-1]))
+            return func(*args, **(kwargs or {}))
+
+    m = _pair(64, 4, torch.float32)
+    x = torch.randn(3, L, 64, requires_grad=True)
+    with Record():
+        y = m(x)
+        y.square().sum().backward()
+    token_products = [s for s in sizes if 64 not in s[1:]]
+    assert token_products, sizes  # the (rows, rows) @ (rows, B*C) products were seen, forward and backward
+    assert all(d % 8 == 0 for s in sizes for d in s), sorted(set(sizes))
+    assert y.shape == (3, L, 64)
+
+
+def test_padding_rows_are_not_counted_as_model_flops():
+    """The trainer counts FLOPs on the meta device; the alignment padding is not a model FLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = EinFFT(64, 4)
+    counts = {}
+    for device in ("cpu", "meta"):
+        mm = m.to(device)
+        with FlopCounterMode(display=False) as fc:
+            mm(torch.randn(2, 50, 64, device=device))
+        counts[device] = fc.get_total_flops()
+    C, L, B = 64, 50, 2
+    model_flops = B * (8 * 2 * L * L * C + 8 * 2 * L * C * C)  # 8 token and 8 channel products
+    assert counts["meta"] == model_flops
+    assert counts["cpu"] > model_flops  # 56 rows on a real device

@@ -152,3 +152,37 @@ def test_training_forward_returns_the_dict_not_only_cls():
     assert isinstance(out, dict) and out["x_norm_patchtokens"].shape == (2, 16, 32)
     assert m.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 64)
     assert math.isclose(m.num_features, 64)
+
+
+def test_mixer_moves_no_activation_through_a_strided_copy(monkeypatch):
+    """Regression (H200 profile, 7232740): in eager, the mixer's (b, l, d) <-> (b, d, l) rearranges were
+    strided copies and elementwise kernels on transposed views, forward and backward (the slow
+    ``elementwise_kernel`` and ``direct_copy`` rows of the profile). The mixer now stays channel-first:
+    no op that writes an activation-sized tensor reads a transposed one (innermost stride not 1: uncoalesced
+    on a GPU), except the batched products, which take transposed operands as they are."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import mambavision.models.mv_hybrid as mvh
+
+    # A stand-in scan made of contiguous ops, so the count sees only the mixer's own layout work.
+    monkeypatch.setattr(mvh, "selective_scan_fn", lambda u, delta, *a, **k: u * torch.sigmoid(delta))
+    b, L, d = 2, 50, 32
+    products = {torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default, torch.ops.aten.mm.default}
+    strided = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func not in products and func._schema.name not in ("aten::t", "aten::transpose", "aten::expand"):
+                for a in args:
+                    if isinstance(a, torch.Tensor) and a.numel() >= b * L * d and a.dim() > 1 and a.stride(-1) > 1:
+                        strided.append((str(func), tuple(a.shape)))
+            return func(*args, **(kwargs or {}))
+
+    mixer = MambaVisionMixer(d_model=d, d_state=4)
+    h = torch.randn(b, L, d, requires_grad=True)
+    with Record():
+        mixer(h).square().sum().backward()
+    views = ("aten.view", "aten.slice", "aten.split", "aten.chunk", "aten.alias", "aten.detach", "aten.as_strided")
+    left = [s for s in strided if not s[0].startswith(views)]
+    assert left == [], left
+    assert h.grad is not None and mixer.in_proj.weight.grad is not None
