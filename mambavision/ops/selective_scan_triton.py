@@ -9,8 +9,9 @@ It computes the whole of mamba-ssm's ``selective_scan_fn`` in one pass, as mamba
     out = y * silu(z)
 
 and returns ``(out, h_L)``. One program owns one batch element and ``BD`` channels, and walks the
-sequence in chunks of ``T`` steps. Within a chunk the recurrence is parallel in time: for each state
-index the pairs ``(exp(delta A), delta B u)`` are combined with ``tl.associative_scan`` (the affine
+sequence in chunks of ``T`` steps; a last, partial chunk gets a tile of its own, smaller size (at
+L = 257 and T = 32 a full tile would spend a ninth of the work on one step). Within a chunk the
+recurrence is parallel in time: for each state index the pairs ``(exp(delta A), delta B u)`` are combined with ``tl.associative_scan`` (the affine
 maps compose), and the state entering the chunk is added through the cumulative decay. So the
 per-step latency of a sequential loop is gone, and every load is a coalesced [BD, T] tile.
 
@@ -90,16 +91,43 @@ def _last(x, offs_t, j):
 
 
 @triton.jit
+def _fwd_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, out_ptr, ckpt_ptr, carry, t0, L, row, bc_row, state, offs_n,
+               mask_d, mask_n, mask_dn, Dv, bias, A2,
+               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, TT: tl.constexpr):
+    # One chunk of TT steps from t0; returns the state leaving it.
+    offs_t = tl.arange(0, TT)
+    t = t0 + offs_t
+    mask_t = t < L
+    m2 = mask_d[:, None] & mask_t[None, :]
+    ptr = row + t[None, :]
+    tl.store(ckpt_ptr + state, carry, mask=mask_dn)
+    u = tl.load(u_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+    dt, _ = _delta(dt_ptr, bias, ptr, m2, HAS_BIAS, SOFTPLUS)  # 0 past L: decay 1, input 0
+    bc = bc_row + offs_n[:, None] * L + t[None, :]
+    m_nt = mask_n[:, None] & mask_t[None, :]
+    Bt = tl.load(B_ptr + bc, mask=m_nt, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + bc, mask=m_nt, other=0.0).to(tl.float32)
+    decay, h = tl.associative_scan(
+        (tl.exp2(dt[:, None, :] * A2[:, :, None]), (dt * u)[:, None, :] * Bt[None, :, :]), 2, _affine)
+    h += decay * carry[:, :, None]
+    y = tl.sum(h * Ct[None, :, :], axis=1) + Dv[:, None] * u
+    if HAS_Z:
+        z = tl.load(z_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+        y = y * z * tl.sigmoid(z)
+    tl.store(out_ptr + ptr, y.to(out_ptr.dtype.element_ty), mask=m2)
+    return _last(h, offs_t, TT - 1)  # steps past L keep the state: the last slot holds h at the chunk's end
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, ckpt_ptr,
     L, D, N, chans_per_group, n_chunks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    T: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    T: tl.constexpr, TAIL: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)  # batch offsets can pass 2**31 elements
     pid_d = tl.program_id(1)
     offs_d = pid_d * BD + tl.arange(0, BD)
-    offs_t = tl.arange(0, T)
     offs_n = tl.arange(0, BN)
     mask_d = offs_d < D
     mask_n = offs_n < N
@@ -112,28 +140,73 @@ def _scan_fwd_kernel(
     A2 = tl.load(A_ptr + state, mask=mask_dn, other=0.0).to(tl.float32) * LOG2E  # exp(x A) = exp2(x A log2 e)
 
     carry = tl.zeros([BD, BN], dtype=tl.float32)  # the state entering the chunk
-    for c in range(0, n_chunks):
-        t = c * T + offs_t
-        mask_t = t < L
-        m2 = mask_d[:, None] & mask_t[None, :]
-        ptr = row + t[None, :]
-        tl.store(ckpt_ptr + (pid_b * n_chunks + c) * D * N + state, carry, mask=mask_dn)
-        u = tl.load(u_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
-        dt, _ = _delta(dt_ptr, bias, ptr, m2, HAS_BIAS, SOFTPLUS)  # 0 past L: decay 1, input 0
-        bc = bc_row + offs_n[:, None] * L + t[None, :]
-        m_nt = mask_n[:, None] & mask_t[None, :]
-        Bt = tl.load(B_ptr + bc, mask=m_nt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + bc, mask=m_nt, other=0.0).to(tl.float32)
-        decay, h = tl.associative_scan(
-            (tl.exp2(dt[:, None, :] * A2[:, :, None]), (dt * u)[:, None, :] * Bt[None, :, :]), 2, _affine)
-        h += decay * carry[:, :, None]
-        y = tl.sum(h * Ct[None, :, :], axis=1) + Dv[:, None] * u
-        carry = _last(h, offs_t, T - 1)
-        if HAS_Z:
-            z = tl.load(z_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
-            y = y * z * tl.sigmoid(z)
-        tl.store(out_ptr + ptr, y.to(out_ptr.dtype.element_ty), mask=m2)
+    n_full = L // T
+    for c in range(0, n_full):
+        carry = _fwd_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, out_ptr, ckpt_ptr + (pid_b * n_chunks + c) * D * N,
+                           carry, c * T, L, row, bc_row, state, offs_n, mask_d, mask_n, mask_dn, Dv, bias, A2,
+                           HAS_Z, HAS_BIAS, SOFTPLUS, T)
+    if TAIL > 0:  # the last L % T steps in a tile of their own size (at L = 257, T = 32: 2 slots, not 32)
+        carry = _fwd_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, out_ptr,
+                           ckpt_ptr + (pid_b * n_chunks + n_full) * D * N, carry, n_full * T, L, row, bc_row, state,
+                           offs_n, mask_d, mask_n, mask_dn, Dv, bias, A2, HAS_Z, HAS_BIAS, SOFTPLUS, TAIL)
     tl.store(last_ptr + pid_b * D * N + state, carry, mask=mask_dn)
+
+
+@triton.jit
+def _bwd_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, dout_ptr, ckpt_ptr, du_ptr, ddt_ptr, dB_ptr, dC_ptr, dz_ptr,
+               g_carry, dA, dD, dbias, t0, L, row, bc_row, part_row, state, offs_n, mask_d, mask_n, mask_dn,
+               Dv, bias, A, A2,
+               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+               TT: tl.constexpr):
+    # One chunk of TT steps from t0, walked backwards; returns dL/dh entering it and the running sums.
+    offs_t = tl.arange(0, TT)
+    t = t0 + offs_t
+    mask_t = t < L
+    m2 = mask_d[:, None] & mask_t[None, :]
+    ptr = row + t[None, :]
+    u = tl.load(u_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+    dt, raw = _delta(dt_ptr, bias, ptr, m2, HAS_BIAS, SOFTPLUS)
+    m2_next = mask_d[:, None] & (t + 1 < L)[None, :]
+    dt_next, _ = _delta(dt_ptr, bias, ptr + 1, m2_next, HAS_BIAS, SOFTPLUS)  # 0 at L-1: the adjoint's decay is 1
+    dout = tl.load(dout_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+    dy = dout
+    if HAS_Z:
+        z = tl.load(z_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+        sz = tl.sigmoid(z)
+        dy = dout * z * sz
+    h_start = tl.load(ckpt_ptr + state, mask=mask_dn, other=0.0)
+    bc = bc_row + offs_n[:, None] * L + t[None, :]
+    m_nt = mask_n[:, None] & mask_t[None, :]
+    Bt = tl.load(B_ptr + bc, mask=m_nt, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + bc, mask=m_nt, other=0.0).to(tl.float32)
+    w = dt * u
+    inp = w[:, None, :] * Bt[None, :, :]
+    decay, h = tl.associative_scan((tl.exp2(dt[:, None, :] * A2[:, :, None]), inp), 2, _affine)
+    h += decay * h_start[:, :, None]
+    pdecay, g = tl.associative_scan(
+        (tl.exp2(dt_next[:, None, :] * A2[:, :, None]), dy[:, None, :] * Ct[None, :, :]), 2, _affine, reverse=True)
+    g += pdecay * g_carry[:, :, None]
+    tl.store(dC_ptr + part_row + bc - bc_row, tl.sum(h * dy[:, None, :], axis=0), mask=m_nt)
+    tl.store(dB_ptr + part_row + bc - bc_row, tl.sum(g * w[:, None, :], axis=0), mask=m_nt)
+    dw = tl.sum(g * Bt[None, :, :], axis=1)
+    dlog = g * (h - inp)  # g_t * exp(delta_t A) h_{t-1}
+    ddt = tl.sum(dlog * A[:, :, None], axis=1) + dw * u
+    dA += tl.sum(dlog * dt[:, None, :], axis=2)
+    y = tl.sum(h * Ct[None, :, :], axis=1) + Dv[:, None] * u
+    du = dw * dt + Dv[:, None] * dy
+    if HAS_D:
+        dD += tl.sum(dy * u, axis=1)
+    if SOFTPLUS:
+        ddt = ddt * tl.sigmoid(raw)
+    ddt = tl.where(m2, ddt, 0.0)
+    if HAS_BIAS:
+        dbias += tl.sum(ddt, axis=1)
+    tl.store(du_ptr + ptr, du.to(du_ptr.dtype.element_ty), mask=m2)
+    tl.store(ddt_ptr + ptr, ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
+    if HAS_Z:
+        dz = dout * y * sz * (1.0 + z * (1.0 - sz))
+        tl.store(dz_ptr + ptr, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+    return _last(g, offs_t, 0), dA, dD, dbias
 
 
 @triton.jit
@@ -142,12 +215,11 @@ def _scan_bwd_kernel(
     du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
     L, D, N, chans_per_group, n_chunks, n_dblocks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    T: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    T: tl.constexpr, TAIL: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BD + tl.arange(0, BD)
-    offs_t = tl.arange(0, T)
     offs_n = tl.arange(0, BN)
     mask_d = offs_d < D
     mask_n = offs_n < N
@@ -165,55 +237,18 @@ def _scan_bwd_kernel(
     dA = tl.zeros([BD, BN], dtype=tl.float32)
     dD = tl.zeros([BD], dtype=tl.float32)
     dbias = tl.zeros([BD], dtype=tl.float32)
-    for cc in range(0, n_chunks):
-        c = n_chunks - 1 - cc
-        t = c * T + offs_t
-        mask_t = t < L
-        m2 = mask_d[:, None] & mask_t[None, :]
-        ptr = row + t[None, :]
-        u = tl.load(u_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
-        dt, raw = _delta(dt_ptr, bias, ptr, m2, HAS_BIAS, SOFTPLUS)
-        m2_next = mask_d[:, None] & (t + 1 < L)[None, :]
-        dt_next, _ = _delta(dt_ptr, bias, ptr + 1, m2_next, HAS_BIAS, SOFTPLUS)  # 0 at L-1: the adjoint's decay is 1
-        dout = tl.load(dout_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
-        dy = dout
-        if HAS_Z:
-            z = tl.load(z_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
-            sz = tl.sigmoid(z)
-            dy = dout * z * sz
-        h_start = tl.load(ckpt_ptr + (pid_b * n_chunks + c) * D * N + state, mask=mask_dn, other=0.0)
-        bc = bc_row + offs_n[:, None] * L + t[None, :]
-        m_nt = mask_n[:, None] & mask_t[None, :]
-        Bt = tl.load(B_ptr + bc, mask=m_nt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + bc, mask=m_nt, other=0.0).to(tl.float32)
-        w = dt * u
-        inp = w[:, None, :] * Bt[None, :, :]
-        decay, h = tl.associative_scan((tl.exp2(dt[:, None, :] * A2[:, :, None]), inp), 2, _affine)
-        h += decay * h_start[:, :, None]
-        pdecay, g = tl.associative_scan(
-            (tl.exp2(dt_next[:, None, :] * A2[:, :, None]), dy[:, None, :] * Ct[None, :, :]), 2, _affine, reverse=True)
-        g += pdecay * g_carry[:, :, None]
-        tl.store(dC_ptr + part_row + bc - bc_row, tl.sum(h * dy[:, None, :], axis=0), mask=m_nt)
-        tl.store(dB_ptr + part_row + bc - bc_row, tl.sum(g * w[:, None, :], axis=0), mask=m_nt)
-        dw = tl.sum(g * Bt[None, :, :], axis=1)
-        dlog = g * (h - inp)  # g_t * exp(delta_t A) h_{t-1}
-        ddt = tl.sum(dlog * A[:, :, None], axis=1) + dw * u
-        dA += tl.sum(dlog * dt[:, None, :], axis=2)
-        y = tl.sum(h * Ct[None, :, :], axis=1) + Dv[:, None] * u
-        g_carry = _last(g, offs_t, 0)
-        du = dw * dt + Dv[:, None] * dy
-        if HAS_D:
-            dD += tl.sum(dy * u, axis=1)
-        if SOFTPLUS:
-            ddt = ddt * tl.sigmoid(raw)
-        ddt = tl.where(m2, ddt, 0.0)
-        if HAS_BIAS:
-            dbias += tl.sum(ddt, axis=1)
-        tl.store(du_ptr + ptr, du.to(du_ptr.dtype.element_ty), mask=m2)
-        tl.store(ddt_ptr + ptr, ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
-        if HAS_Z:
-            dz = dout * y * sz * (1.0 + z * (1.0 - sz))
-            tl.store(dz_ptr + ptr, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+    n_full = L // T
+    if TAIL > 0:  # the last chunk comes first going backwards
+        g_carry, dA, dD, dbias = _bwd_chunk(
+            u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, dout_ptr, ckpt_ptr + (pid_b * n_chunks + n_full) * D * N,
+            du_ptr, ddt_ptr, dB_ptr, dC_ptr, dz_ptr, g_carry, dA, dD, dbias, n_full * T, L, row, bc_row, part_row,
+            state, offs_n, mask_d, mask_n, mask_dn, Dv, bias, A, A2, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, TAIL)
+    for cc in range(0, n_full):
+        c = n_full - 1 - cc
+        g_carry, dA, dD, dbias = _bwd_chunk(
+            u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, dout_ptr, ckpt_ptr + (pid_b * n_chunks + c) * D * N,
+            du_ptr, ddt_ptr, dB_ptr, dC_ptr, dz_ptr, g_carry, dA, dD, dbias, c * T, L, row, bc_row, part_row,
+            state, offs_n, mask_d, mask_n, mask_dn, Dv, bias, A, A2, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, T)
     tl.atomic_add(dA_ptr + state, dA, mask=mask_dn)
     if HAS_D:
         tl.atomic_add(dD_ptr + offs_d, dD, mask=mask_d)
@@ -235,9 +270,15 @@ def _launch(u, A, B, D, z, delta_bias, delta_softplus):
     cpg = d // groups
     bd, chunk, warps = _config(l)
     bd = _block_d(cpg, bd)
-    meta = dict(T=chunk, BD=bd, BN=max(triton.next_power_of_2(n), 2), num_warps=warps, HAS_D=D is not None,
+    meta = dict(T=chunk, TAIL=_tail(l, chunk), BD=bd, BN=max(triton.next_power_of_2(n), 2), num_warps=warps, HAS_D=D is not None,
                 HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
     return (b, triton.cdiv(d, bd)), triton.cdiv(l, chunk), cpg, meta
+
+
+def _tail(length: int, chunk: int) -> int:
+    """Tile size of the last, partial chunk (0 when ``chunk`` divides ``length``): a power of two, at least 2."""
+    rest = length % chunk
+    return max(triton.next_power_of_2(rest), 2) if rest else 0
 
 
 def _contiguous(*tensors):
