@@ -43,3 +43,17 @@ def test_run_in_the_autocast_dtype_with_fp32_weight_gradients():
     assert w.grad.dtype == torch.float32
     torch.testing.assert_close(w.grad, torch.ones(2, 8, 6).transpose(1, 2).reshape(-1, 8).t() @ x.reshape(-1, 4),
                                rtol=2e-2, atol=2e-2)
+
+
+def test_trace_in_one_graph_forward_and_backward():
+    """torch.compile (the trainer's ``compute_precision.compile``) traces the autograd functions whole."""
+    def f(x, w_in, w_mid, b_mid, w_out):
+        return channels_to_tokens(channel_first_linear(tokens_to_channels(x, w_in), w_mid, b_mid), w_out)
+
+    torch.manual_seed(0)
+    args = [torch.randn(*s, requires_grad=True) for s in [(2, 7, 8), (16, 8), (16, 16), (16,), (8, 16)]]
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, ref = compiled(*args), f(*args)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(out.sum(), args), torch.autograd.grad(ref.sum(), args)):
+        torch.testing.assert_close(a, b)
