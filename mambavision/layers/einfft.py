@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from ..amp import autocast_off, compute_dtype
+from .align import padded_length
 
 IMPLS = ("dft", "fft")
 _DFT_CACHE: Dict[Tuple, Tuple[torch.Tensor, ...]] = {}
@@ -46,14 +47,6 @@ def _dft_constants(L: int, rows: int, num_blocks: int, block_size: int, device, 
     if hit is None:
         hit = _DFT_CACHE[key] = _build_dft_constants(L, rows, num_blocks, block_size, device, dtype)
     return hit
-
-
-def _token_rows(L: int, device) -> int:
-    """Rows of the token products: L rounded up to 8. cuBLAS needs the contraction length to be a multiple of
-    8 bf16 elements for its aligned tensor-core kernels; at 257 or 50 tokens it falls back to slow ``align1``
-    kernels (6.3 of 67.6 ms of an mv_hybrid step, docs/performance.md). The zero rows change no value. On the
-    meta device, where the trainer counts model FLOPs for its MFU, the padding's zeros are not counted."""
-    return L if device.type == "meta" else -(-L // 8) * 8
 
 
 # Cached across calls, so never inference tensors: a model evaluated under torch.inference_mode() and then
@@ -126,7 +119,7 @@ class EinFFT(nn.Module):
         B, L, C = x.shape
         nb, bs = self.num_blocks, self.block_size
         cdt = compute_dtype(x)
-        rows = _token_rows(L, x.device)
+        rows = padded_length(L, x.device)  # zero rows past L: aligned GEMMs (layers/align.py)
         fc, fs, g_r, g_i, bc, bsn = _dft_constants(L, rows, nb, bs, x.device, cdt)
         w1, w2, b1, b2 = self.complex_weight_1, self.complex_weight_2, self.complex_bias_1, self.complex_bias_2
         bc, bsn = bc.to(w1.dtype), bsn.to(w1.dtype)

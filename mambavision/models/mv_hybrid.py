@@ -22,6 +22,7 @@ from ..layers import (
     attention_start, channel_first_linear, channels_to_tokens, hybrid_blocks, init_mambavision_weights,
     insert_middle_cls, tokens_to_channels,
 )
+from ..layers.align import padded_length
 from ..ops import selective_scan_fn
 from ..registry import register_model
 from .backbone import Backbone
@@ -68,7 +69,13 @@ class MambaVisionMixer(SSMMixer, nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # Channel-first (b, d, l) from the first projection to the last, the layout of the convolutions and
         # the scan; the projections at either end read the transposed operand in place (layers/channel_first).
-        x, z = tokens_to_channels(hidden_states, self.in_proj.weight).chunk(2, dim=1)
+        # The sequence is padded with zero tokens to a multiple of 8, so that l, the leading dimension of every
+        # channel-first product, is aligned (layers/align). That changes no output: zero tokens project to
+        # zeros, which is what the 'same' convolutions pad with, and the scan runs forward in time, so the
+        # steps past the end never reach the ones before it.
+        L = hidden_states.shape[1]
+        pad = padded_length(L, hidden_states.device) - L
+        x, z = tokens_to_channels(F.pad(hidden_states, (0, 0, 0, pad)), self.in_proj.weight).chunk(2, dim=1)
         x = self._conv(x, self.conv1d_x)
         z = self._conv(z, self.conv1d_z)
         x_dbl = channel_first_linear(x, self.x_proj.weight)  # (b, dt_rank + 2 n, l)
@@ -80,7 +87,7 @@ class MambaVisionMixer(SSMMixer, nn.Module):
             x, dt, A, B.contiguous(), C.contiguous(), self.D.float(), z=None,
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
         )
-        return channels_to_tokens(torch.cat([y.to(z.dtype), z], dim=1), self.out_proj.weight)
+        return channels_to_tokens(torch.cat([y.to(z.dtype), z], dim=1), self.out_proj.weight)[:, :L]
 
 
 class MVHybrid(Backbone):
