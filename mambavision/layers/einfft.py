@@ -38,14 +38,12 @@ def _complex_linear(xr, xi, w, b):
     return real, imag
 
 
-def _dft_constants(L: int, rows: int, num_blocks: int, block_size: int, device, dtype):
-    """Cosine/sine matrices of the orthonormal token DFT, (rows, rows) with the (L, L) DFT in the top-left
-    corner and zeros elsewhere, and the block DFT's phases (num_blocks, num_blocks); built in float64,
-    cached per (L, rows, blocks, device, dtype)."""
-    key = (L, rows, num_blocks, block_size, str(device), dtype)
+def _dft_constants(L: int, rows: int, num_blocks: int, block_size: int, device, dtype, wdtype):
+    """The constant matrices of the DFT formulation, cached per (L, rows, blocks, device, dtypes)."""
+    key = (L, rows, num_blocks, block_size, str(device), dtype, wdtype)
     hit = _DFT_CACHE.get(key)
     if hit is None:
-        hit = _DFT_CACHE[key] = _build_dft_constants(L, rows, num_blocks, block_size, device, dtype)
+        hit = _DFT_CACHE[key] = _build_dft_constants(L, rows, num_blocks, block_size, device, dtype, wdtype)
     return hit
 
 
@@ -53,21 +51,30 @@ def _dft_constants(L: int, rows: int, num_blocks: int, block_size: int, device, 
 # trained in the same process would otherwise fail to save them for backward.
 @torch.inference_mode(False)
 @torch.no_grad()
-def _build_dft_constants(L, rows, num_blocks, block_size, device, dtype):
-    k = torch.arange(L, dtype=torch.float64)
+def _build_dft_constants(L, rows, num_blocks, block_size, device, dtype, wdtype):
+    """In the compute dtype: the token DFT and its inverse as real (2 rows, 2 rows) block matrices acting on
+    [real; imag] stacked along the rows, with the orthonormal (L, L) DFT in the top-left of each block and
+    zeros past L; and the inverse block DFT's real part, (2, C, C). In the weights' dtype: the block DFT's
+    phases as a (2, 2, nb, nb) coefficient tensor, and the (nb, nb) identity that makes W2 block-diagonal.
+    Built in float64."""
+    f64 = dict(dtype=torch.float64)
+    k = torch.arange(L, **f64)
     ang = 2 * math.pi * torch.remainder(torch.outer(k, k), L) / L  # remainder keeps kl*2pi/L accurate
-    fc = torch.zeros(rows, rows, dtype=torch.float64)
-    fs = torch.zeros(rows, rows, dtype=torch.float64)
+    fc, fs = torch.zeros(rows, rows, **f64), torch.zeros(rows, rows, **f64)
     fc[:L, :L], fs[:L, :L] = torch.cos(ang) / math.sqrt(L), torch.sin(ang) / math.sqrt(L)
-    j = torch.arange(num_blocks, dtype=torch.float64)
+    # F = fc - i fs on [re; im]: [[fc, fs], [-fs, fc]]; its inverse, fc + i fs: [[fc, -fs], [fs, fc]].
+    f_fwd = torch.cat([torch.cat([fc, fs], 1), torch.cat([-fs, fc], 1)], 0)
+    f_inv = torch.cat([torch.cat([fc, -fs], 1), torch.cat([fs, fc], 1)], 0)
+    j = torch.arange(num_blocks, **f64)
     th = 2 * math.pi * torch.outer(j, j) / num_blocks  # theta[j, b]
     bc, bs = torch.cos(th) / math.sqrt(num_blocks), torch.sin(th) / math.sqrt(num_blocks)
     # Inverse block DFT, real part of the output: out[(b,d)] = sum_j bc[j,b] Vr[(j,d)] - bs[j,b] Vi[(j,d)].
-    eye = torch.eye(block_size, dtype=torch.float64)
-    g_r, g_i = torch.kron(bc, eye), -torch.kron(bs, eye)
-    hit = tuple(t.to(device=device, dtype=dtype) for t in (fc, fs, g_r, g_i))
-    hit += (bc.to(device=device), bs.to(device=device))  # float64: cast to the weights' dtype at use
-    return hit
+    eye = torch.eye(block_size, **f64)
+    g = torch.stack([torch.kron(bc, eye), -torch.kron(bs, eye)])
+    # Forward block DFT folded into W1: M_o[(b,d),(j,k)] = sum_i P[o,i,b,j] W1_i[j][d,k], o, i in (re, im).
+    phase = torch.stack([torch.stack([bc, bs]), torch.stack([-bs, bc])]).transpose(2, 3)  # P[o, i, b, j]
+    hit = tuple(t.to(device=device, dtype=dtype) for t in (f_fwd, f_inv, g))
+    return hit + tuple(t.to(device=device, dtype=wdtype) for t in (phase, torch.eye(num_blocks, **f64)))
 
 
 class EinFFT(nn.Module):
@@ -120,36 +127,28 @@ class EinFFT(nn.Module):
         nb, bs = self.num_blocks, self.block_size
         cdt = compute_dtype(x)
         rows = padded_length(L, x.device)  # zero rows past L: aligned GEMMs (layers/align.py)
-        fc, fs, g_r, g_i, bc, bsn = _dft_constants(L, rows, nb, bs, x.device, cdt)
         w1, w2, b1, b2 = self.complex_weight_1, self.complex_weight_2, self.complex_bias_1, self.complex_bias_2
-        bc, bsn = bc.to(w1.dtype), bsn.to(w1.dtype)
+        f_fwd, f_inv, g, phase, eye = _dft_constants(L, rows, nb, bs, x.device, cdt, w1.dtype)
+        # Few, large ops: real and imaginary parts are stacked on a leading axis of 2, so each step is one
+        # product (an eager step is bound by its op count: this layer was 243 ops forward and backward).
+        m = (phase[:, :, :, None, :, None] * w1.permute(0, 2, 1, 3)[None, :, None]).sum(1)  # (o, b, d, j, k)
+        m = m.reshape(2, C, C).to(cdt)
+        w2d = (w2[:, :, :, None, :] * eye[None, :, None, :, None]).reshape(2, C, C).to(cdt)  # block-diagonal
+        w2r, w2i = w2d.unbind(0)  # unbind, not indexing: its backward is one stack, not a zero-fill per index
+        w2_re, w2_im = w2d, torch.stack([-w2i, w2r])  # what Re z and Im z are multiplied by
 
-        # Block DFT folded into the first complex weight: M[(b,d),(j,k)] = e^{-i theta_jb}/sqrt(nb) W1[j][d,k].
-        m_r = (torch.einsum("jb,jdk->bdjk", bc, w1[0]) + torch.einsum("jb,jdk->bdjk", bsn, w1[1])).reshape(C, C)
-        m_i = (torch.einsum("jb,jdk->bdjk", bc, w1[1]) - torch.einsum("jb,jdk->bdjk", bsn, w1[0])).reshape(C, C)
-        w2_r, w2_i = torch.block_diag(*w2[0]), torch.block_diag(*w2[1])
-
-        # Token-major (rows, B*C): token products are plain (rows, rows) @ (rows, B*C) GEMMs, channel products
-        # (rows*B, C) @ (C, C) GEMMs on the same memory. Rows past L are zeros in, and never reach the output
-        # (the DFT matrices' columns past L are zero).
+        # Token-major: (2, rows, B*C) for the token products, the same memory as (2, rows*B, C) for the channel
+        # products. Rows past L are zeros in and never reach the output (the DFT matrices' columns past L are 0).
         xt = x.to(cdt).transpose(0, 1)  # cast first: the transpose copy moves half the bytes
         xt = (F.pad(xt, (0, 0, 0, 0, 0, rows - L)) if rows > L else xt.contiguous()).view(rows * B, C)
-        u_r, u_i = (xt @ m_r).view(rows, B * C), (xt @ m_i).view(rows, B * C)
-
-        def tile(b):  # a per-channel bias broadcast over the (rows, B*C) layout
-            return b.reshape(C).repeat(B)
-
-        # Z = F_L U + b1, F_L = fc - i fs; relu on each part.
-        z_r = torch.addmm(torch.addmm(tile(b1[0]), fc, u_r), fs, u_i).relu_()
-        z_i = torch.addmm(torch.addmm(tile(b1[1]), fc, u_i), fs, u_r, alpha=-1).relu_()
-        z_r, z_i = z_r.view(rows * B, C), z_i.view(rows * B, C)
+        u = torch.bmm(xt.expand(2, -1, -1), m)  # block DFT and W1: (2, rows*B, C)
+        # Z = relu(F_L U + b1), both parts in one product.
+        z = (f_fwd @ u.view(2 * rows, B * C)).view(2, rows, B, C).add_(b1.reshape(2, 1, 1, C).to(cdt)).relu_()
+        z_re, z_im = z.view(2, rows * B, C).unbind(0)
         # S = softshrink(Z W2 + b2), W2 block-diagonal complex.
-        lam = self.sparsity_threshold
-        s_r = F.softshrink(torch.addmm(torch.addmm(b2[0].reshape(C), z_r, w2_r), z_i, w2_i, alpha=-1), lam)
-        s_i = F.softshrink(torch.addmm(torch.addmm(b2[1].reshape(C), z_r, w2_i), z_i, w2_r), lam)
-        s_r, s_i = s_r.view(rows, B * C), s_i.view(rows, B * C)
-        # V = F_L^{-1} S, F_L^{-1} = fc + i fs; then the real part of the inverse block DFT.
-        v_r = torch.addmm(fc @ s_r, fs, s_i, alpha=-1).view(rows * B, C)
-        v_i = torch.addmm(fs @ s_r, fc, s_i).view(rows * B, C)
-        out = torch.addmm(v_r @ g_r, v_i, g_i)
+        s = torch.baddbmm(b2.reshape(2, 1, C).to(cdt), z_re.expand(2, -1, -1), w2_re)
+        s = F.softshrink(torch.baddbmm(s, z_im.expand(2, -1, -1), w2_im), self.sparsity_threshold)
+        # V = F_L^{-1} S; then the real part of the inverse block DFT.
+        v_re, v_im = (f_inv @ s.view(2 * rows, B * C)).view(2, rows * B, C).unbind(0)
+        out = torch.addmm(v_re @ g[0], v_im, g[1])
         return out.view(rows, B, C)[:L].transpose(0, 1)  # a view; the residual add makes it contiguous
