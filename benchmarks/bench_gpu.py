@@ -296,7 +296,18 @@ def _step_row(args, device, peak, arch, mode):
     ms = _time_ms(step, device, args.warmup, args.steps)
     ips = cfg.train.batch_size_per_gpu / (ms / 1e3)
     fpi = flops / cfg.train.batch_size_per_gpu
-    return dict(s_per_it=ms / 1e3, images_per_sec=ips, gflop_per_image=fpi / 1e9,
+    kernels = {}
+    if device.type == "cuda":  # is the step bound by the GPU's work or by launching it? kernel time vs wall time
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step()
+            sync(device)
+        kernels = _kernel_times(prof, 2)
+    kernel_ms = sum(kernels.values()) if kernels else None
+    return dict(s_per_it=ms / 1e3, images_per_sec=ips, gflop_per_image=fpi / 1e9, kernel_ms=kernel_ms,
+                gpu_busy=kernel_ms / ms if kernel_ms else None, kernel_ms_by_category=kernels,
                 tflops=fpi * ips / 1e12, mfu=(fpi * ips / 1e12 / peak) if peak else None,
                 peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                 finite=bool(torch.isfinite(torch.stack(losses)).all()), first_loss=losses[0].item(),
@@ -319,14 +330,15 @@ def bench_step(args, device, report, peak):
                 torch.cuda.empty_cache()
     lines = [f"DINOv2 step, paper config, batch {args.step_batch} per GPU, one GPU (one-rank FSDP2), synthetic "
              f"pre-collated batch (no loader); peak {peak or float('nan'):.0f} TFLOP/s (bf16 matmul, this device)", "",
-             "| arch | precision | s/it | images/s | GFLOP/image | TFLOP/s | MFU | peak mem GiB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| arch | precision | s/it | images/s | GFLOP/image | TFLOP/s | MFU | kernel ms (GPU busy) | peak mem GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for k, r in rows.items():
         arch, mode = k.split(" | ")
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        busy = f"{r['kernel_ms']:.0f} ({100 * r['gpu_busy']:.0f}%)" if r["kernel_ms"] else "-"
         lines.append(f"| {arch} | {mode} | {r['s_per_it']:.3f} | {r['images_per_sec']:.0f} | "
-                     f"{r['gflop_per_image']:.0f} | {r['tflops']:.1f} | {mfu} | {mem} |")
+                     f"{r['gflop_per_image']:.0f} | {r['tflops']:.1f} | {mfu} | {busy} | {mem} |")
     report.add("step", rows, lines)
 
 
@@ -367,6 +379,19 @@ def _category(name):
     return "elementwise / other"
 
 
+def _kernel_times(prof, steps):
+    """GPU kernel ms per step by category, from a torch.profiler run over ``steps`` steps."""
+    cats = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None)
+        if t is None:
+            t = getattr(ev, "self_cuda_time_total", 0.0)
+        if t <= 0 or ev.key.startswith("aten::") or ev.key.startswith("cuda"):
+            continue  # kernels only (CPU-side ops also carry device time totals)
+        cats[_category(ev.key)] = cats.get(_category(ev.key), 0.0) + t / steps / 1e3
+    return cats
+
+
 def bench_profile(args, device, report):
     from torch.profiler import ProfilerActivity, profile
 
@@ -393,18 +418,9 @@ def bench_profile(args, device, report):
                 for _ in range(3):
                     step()
                 sync(device)
-        cats = {}
-        total = 0.0
-        for ev in prof.key_averages():
-            t = getattr(ev, "self_device_time_total", None)
-            if t is None:
-                t = getattr(ev, "self_cuda_time_total", 0.0)
-            if t <= 0 or ev.key.startswith("aten::") or ev.key.startswith("cuda"):
-                continue  # kernels only (CPU-side ops also carry device time totals)
-            cats[_category(ev.key)] = cats.get(_category(ev.key), 0.0) + t
-            total += t
-        rows[spec] = {"ms_per_step": total / 3 / 1e3, "wall_ms_per_step": wall_ms,
-                      **{k: v / total for k, v in cats.items()}}
+        cats = _kernel_times(prof, 3)
+        total = sum(cats.values())
+        rows[spec] = {"ms_per_step": total, "wall_ms_per_step": wall_ms, **{k: v / total for k, v in cats.items()}}
         top = sorted(((getattr(e, "self_device_time_total", 0.0), e.key) for e in prof.key_averages()
                       if not e.key.startswith("aten::")), reverse=True)[:8]
         rows[spec]["top_kernels"] = [(k[:90], t / 3 / 1e3) for t, k in top]
