@@ -29,6 +29,7 @@ import time
 from contextlib import contextmanager
 
 import torch
+import torch._dynamo
 from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,6 +135,7 @@ def bench_backbones(args, device, report):
     rows = {}
     for spec in specs:
         torch.manual_seed(0)
+        torch._dynamo.reset()  # each row compiles afresh, as in a process of its own (no shared recompile budget)
         model, scan = build_backbone(spec, args.tiny)
         model = model.to(device)
         with scan_backend(scan):
@@ -323,6 +325,7 @@ def bench_step(args, device, report, peak):
         for mode in args.precisions.split(","):
             # a mode may name a scan backend, as in bf16+compile[scan=triton]
             base_mode, scan = re.fullmatch(r"([\w+-]+)(?:\[scan=(\w+)\])?", mode).groups()
+            torch._dynamo.reset()  # each row compiles afresh, as the trainer does in its own process
             with scan_backend(scan):
                 rows[f"{arch} | {mode}"] = _step_row(args, device, peak, arch, base_mode)
             print(f"  {arch} {mode}: {rows[f'{arch} | {mode}']}", flush=True)

@@ -40,17 +40,22 @@ def _complex_linear(xr, xi, w, b):
 
 def _dft_constants(L: int, rows: int, num_blocks: int, block_size: int, device, dtype, wdtype):
     """The constant matrices of the DFT formulation, cached per (L, rows, blocks, device, dtypes)."""
+    args = (L, rows, num_blocks, block_size, device, dtype, wdtype)
+    if torch.compiler.is_compiling():
+        # Built inside the traced graph, from no input. A lookup in the cache would make dynamo guard on the
+        # dict's contents and recompile each time a new length is cached (tests/mambavision/test_einfft.py).
+        with torch.no_grad():
+            return _build_dft_constants(*args)
     key = (L, rows, num_blocks, block_size, str(device), dtype, wdtype)
     hit = _DFT_CACHE.get(key)
     if hit is None:
-        hit = _DFT_CACHE[key] = _build_dft_constants(L, rows, num_blocks, block_size, device, dtype, wdtype)
+        # Cached across calls, so never inference tensors: a model evaluated under torch.inference_mode() and
+        # then trained in the same process would otherwise fail to save them for backward.
+        with torch.inference_mode(False), torch.no_grad():
+            hit = _DFT_CACHE[key] = _build_dft_constants(*args)
     return hit
 
 
-# Cached across calls, so never inference tensors: a model evaluated under torch.inference_mode() and then
-# trained in the same process would otherwise fail to save them for backward.
-@torch.inference_mode(False)
-@torch.no_grad()
 def _build_dft_constants(L, rows, num_blocks, block_size, device, dtype, wdtype):
     """In the compute dtype: the token DFT and its inverse as real (2 rows, 2 rows) block matrices acting on
     [real; imag] stacked along the rows, with the orthonormal (L, L) DFT in the top-left of each block and

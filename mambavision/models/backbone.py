@@ -22,6 +22,8 @@ from torch import nn
 from ..card import BackboneCard
 from ..layers import PatchEmbed
 
+RECOMPILE_LIMIT = 64  # dynamo graphs per block code object under compile_blocks
+
 
 class Backbone(nn.Module):
     embed_dim: int
@@ -104,6 +106,12 @@ class Backbone(nn.Module):
         fails on the symbolic shapes that a dynamic recompile would bring (torch 2.11, H200).
         """
         compile_kwargs.setdefault("dynamic", False)
+        # All blocks share one code object (MixerBlock.forward), and each (mixer type, crop size, grad mode)
+        # is a graph of its own: a hybrid's step needs 6, close to dynamo's default budget of 8 per code
+        # object, past which it silently runs the block in eager. Leave room for evaluation at other sizes.
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
         for blk in self.blocks:
             blk.compile(**compile_kwargs)
 

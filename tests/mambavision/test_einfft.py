@@ -175,3 +175,24 @@ def test_fast_path_op_count_stays_low():
     with Count():
         m(x).sum().backward()
     assert n[0] <= 150, n[0]
+
+
+def test_compiled_fast_path_compiles_once_per_length():
+    """Regression: under torch.compile the module-level cache of DFT matrices made dynamo guard on the dict's
+    contents, so every newly cached length recompiled the block once more. With two crop sizes, two block
+    types and the teacher's no-grad pass, compile_blocks ran out of its recompile budget and fell back to eager."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from mambavision.layers import einfft
+
+    einfft._DFT_CACHE.clear()
+    torch._dynamo.reset()
+    counters.clear()
+    m = _pair(32, 4, torch.float32)
+    compiled = torch.compile(m, backend="eager", fullgraph=True, dynamic=False)
+    for L in (17, 17, 5, 5, 17):
+        x = torch.randn(2, L, 32)
+        torch.testing.assert_close(compiled(x), m(x))
+    assert counters["stats"]["unique_graphs"] == 2  # one graph per length
+    torch._dynamo.reset()

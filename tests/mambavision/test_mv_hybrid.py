@@ -190,3 +190,30 @@ def test_mixer_moves_no_activation_through_a_strided_copy(monkeypatch):
     # The sequence (50 tokens) is padded to 56, so channel-first operands have aligned rows (cuBLAS align8).
     assert leading and all(ld % 8 == 0 for ld in leading), sorted(set(leading))
     assert h.grad is not None and mixer.in_proj.weight.grad is not None
+
+
+def test_compiled_blocks_stay_compiled_through_a_dino_step_pattern(caplog):
+    """compile_blocks: student crops of two sizes with gradients and the teacher's no-grad pass, as in a DINOv2
+    step, all compile (no block falls back to eager at dynamo's recompile limit) and match eager."""
+    import logging
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    kw = dict(img_size=64, patch_size=16, embed_dim=32, depth=4, num_heads=2)
+    ref = mambavision.create_model("mv_hybrid", **kw)
+    model = mambavision.create_model("mv_hybrid", **kw)
+    model.load_state_dict(ref.state_dict())
+    model.compile_blocks(backend="eager")
+    assert torch._dynamo.config.recompile_limit >= 6
+    with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+        for _ in range(2):
+            for size, b in ((64, 2), (32, 4)):
+                x = torch.randn(b, 3, size, size)
+                out, expected = model.forward_features(x), ref.forward_features(x)
+                torch.testing.assert_close(out["x_norm_clstoken"], expected["x_norm_clstoken"])
+                out["x_norm_clstoken"].sum().backward()
+            with torch.no_grad():
+                model.forward_features(torch.randn(2, 3, 64, 64))
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage() or "cache_size_limit" in r.getMessage()]
+    torch._dynamo.reset()
