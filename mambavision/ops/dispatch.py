@@ -38,7 +38,7 @@ def choose_backend(op: str, backend: Optional[str], env_var: str,
     an unusable one when it is forced.
     """
     choice = (backend or os.environ.get(env_var) or "auto").lower()
-    allowed = ("auto",) + tuple(name for name, _, _ in fast) + ("torch",)
+    allowed = ("auto",) + tuple(sorted(name for name, _, _ in fast)) + ("torch",)  # stable whatever the preference
     if choice not in allowed:
         raise ValueError(f"unknown {op} backend {choice!r} (from backend= or ${env_var}); expected one of {allowed}")
     if choice == "auto":

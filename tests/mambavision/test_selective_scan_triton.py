@@ -110,6 +110,10 @@ def test_auto_prefers_the_traceable_kernel_under_compile(monkeypatch):
     monkeypatch.setattr(ss, "mamba_ssm_available", lambda: True)
     monkeypatch.setattr(ss, "triton_scan_available", lambda: True)
     assert ss._resolve_backend(None, "cuda", torch.bfloat16, True) == "cuda"  # eager: mamba-ssm's kernel
+    assert ss._resolve_backend(None, "cuda", torch.bfloat16, True, length=264) == "cuda"  # 256 px, padded
+    # short sequences (112-px crops, padded to 56): ours is the faster kernel there
+    assert ss._resolve_backend(None, "cuda", torch.bfloat16, True, length=56) == "triton"
+    assert ss._resolve_backend("cuda", "cuda", torch.bfloat16, True, length=56) == "cuda"  # forced stays
     assert ss._resolve_backend(None, "cuda", torch.bfloat16, True, compiling=True) == "triton"
     assert ss._resolve_backend("cuda", "cuda", torch.bfloat16, True, compiling=True) == "cuda"  # forced stays
     # constant B/C: our kernel does not take them, so compile falls back to mamba-ssm's
