@@ -190,6 +190,12 @@ def data_driven_params(model: nn.Module, batches: Iterable[torch.Tensor]) -> Lis
     projection of their own) are not included.
     """
     acc, hooks, params = {}, [], []
+    tokens = [0]  # the blocks' sequence length for this batch: a mixer may pad its own sequence past it
+
+    def count_tokens(_m, args):
+        tokens[0] = args[0].shape[1]
+
+    hooks.append(model.blocks[0].register_forward_pre_hook(count_tokens))
     for layer in model.card.ssm_layers(model):
         if layer.kind != "mamba1" or layer.x_proj is None:
             continue
@@ -198,7 +204,8 @@ def data_driven_params(model: nn.Module, batches: Iterable[torch.Tensor]) -> Lis
         acc[key] = [0.0, 0.0, 0.0, 0]
 
         def hook(_m, _inp, out, key=key, layer=layer):
-            out = out.detach().double().reshape(-1, out.shape[-1])
+            out = out.detach().double().movedim(layer.x_proj_dim, -1)[:, : tokens[0]]  # (b, tokens, r + 2n)
+            out = out.reshape(-1, out.shape[-1])
             n, r = layer.A_log.shape[1], layer.dt_weight.shape[1]
             dt = F.softplus(out[:, :r] @ layer.dt_weight.double().T + layer.dt_bias_applications * layer.dt_bias.double())
             a = acc[key]

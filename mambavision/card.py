@@ -46,6 +46,9 @@ class SSMLayer:
     dt_bias_applications: int = 1
     x_proj: Optional[nn.Module] = None  # Mamba-1: tokens -> [dt (dt_rank) | B (n) | C (n)]
     dt_weight: Optional[torch.Tensor] = None  # Mamba-1: (d, dt_rank)
+    # The axis of x_proj's (batch-first) output that holds [dt | B | C]: 1 for a channel-first mixer, whose
+    # sequence axis may also carry padding past the block's tokens.
+    x_proj_dim: int = -1
 
     @property
     def kind(self) -> str:

@@ -10,6 +10,7 @@ both directions. The weights are ordinary ``nn.Linear`` weights ``(out, in)``: s
 Under autocast both run in the autocast dtype, as ``nn.Linear`` would.
 """
 import torch
+from torch import nn
 
 from ..amp import compute_dtype
 
@@ -60,6 +61,14 @@ def channels_to_tokens(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(y.transpose(1, 2), weight)``, contiguous: (b, in, l) -> (b, l, out)."""
     cdt = compute_dtype(y)
     return _ChannelsToTokens.apply(y.to(cdt), weight.to(cdt))
+
+
+class ChannelFirstLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and keys) applied to channel-first input: (b, in, l) -> (b, out, l).
+    A module rather than a function where forward hooks must see the projection (the SSM mixers' x_proj)."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return channel_first_linear(t, self.weight, self.bias)
 
 
 def channel_first_linear(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..card import SSMLayer, SSMMixer
 from ..layers import (
-    attention_start, channel_first_linear, channels_to_tokens, hybrid_blocks, init_mambavision_weights,
+    ChannelFirstLinear, attention_start, channel_first_linear, channels_to_tokens, hybrid_blocks, init_mambavision_weights,
     insert_middle_cls, tokens_to_channels,
 )
 from ..layers.align import padded_length
@@ -44,7 +44,7 @@ class MambaVisionMixer(SSMMixer, nn.Module):
         self.dt_rank = math.ceil(d_model / 16)
         half = self.d_inner // 2
         self.in_proj = nn.Linear(d_model, self.d_inner, bias=False)
-        self.x_proj = nn.Linear(half, self.dt_rank + 2 * d_state, bias=False)
+        self.x_proj = ChannelFirstLinear(half, self.dt_rank + 2 * d_state, bias=False)  # nn.Linear's keys
         self.dt_proj = nn.Linear(self.dt_rank, half, bias=True)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
         # The release passes conv_bias // 2, which is 0 for the default True: no bias.
@@ -57,7 +57,8 @@ class MambaVisionMixer(SSMMixer, nn.Module):
 
     def ssm_layers(self, prefix: str):
         # delta = softplus(W dt + 2 b): the release adds dt_proj's bias twice.
-        yield SSMLayer(prefix, self.A_log, self.D, self.dt_proj.bias, 2, self.x_proj, self.dt_proj.weight)
+        yield SSMLayer(prefix, self.A_log, self.D, self.dt_proj.bias, 2, self.x_proj, self.dt_proj.weight,
+                       x_proj_dim=1)
 
     def _conv(self, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
         # padding='same' as in the release, spelled out (left k-1 // 2, right the rest) because
@@ -78,7 +79,7 @@ class MambaVisionMixer(SSMMixer, nn.Module):
         x, z = tokens_to_channels(F.pad(hidden_states, (0, 0, 0, pad)), self.in_proj.weight).chunk(2, dim=1)
         x = self._conv(x, self.conv1d_x)
         z = self._conv(z, self.conv1d_z)
-        x_dbl = channel_first_linear(x, self.x_proj.weight)  # (b, dt_rank + 2 n, l)
+        x_dbl = self.x_proj(x)  # (b, dt_rank + 2 n, l)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         # dt_proj includes its bias, and the scan adds it again as delta_bias (release quirk).
         dt = channel_first_linear(dt, self.dt_proj.weight, self.dt_proj.bias)

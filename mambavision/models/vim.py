@@ -17,8 +17,8 @@ from torch import nn
 
 from ..card import SSMLayer, SSMMixer
 from ..layers import (
-    DropPath, EinFFT, RMSNorm, channel_first_linear, channels_to_tokens, drop_path_rates, insert_middle_cls,
-    inverse_softplus_dt, lecun_normal_, middle_cls_pos_embed, tokens_to_channels,
+    ChannelFirstLinear, DropPath, EinFFT, RMSNorm, channel_first_linear, channels_to_tokens, drop_path_rates,
+    insert_middle_cls, inverse_softplus_dt, lecun_normal_, middle_cls_pos_embed, tokens_to_channels,
 )
 from ..ops import causal_conv1d_fn, selective_scan_fn
 from ..registry import register_model
@@ -45,7 +45,7 @@ class VimMixer(SSMMixer, nn.Module):
         for sfx in ("", "_b"):
             setattr(self, "conv1d" + sfx, nn.Conv1d(
                 self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner, padding=d_conv - 1, bias=True))
-            setattr(self, "x_proj" + sfx, nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False))
+            setattr(self, "x_proj" + sfx, ChannelFirstLinear(self.d_inner, self.dt_rank + 2 * d_state, bias=False))
             setattr(self, "dt_proj" + sfx, nn.Linear(self.dt_rank, self.d_inner, bias=True))
             # S4D-Real: A = -(1..N) on every channel.
             A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
@@ -62,15 +62,16 @@ class VimMixer(SSMMixer, nn.Module):
 
     def ssm_layers(self, prefix: str):
         # Both directions add their dt bias once (as the scan's delta_bias).
-        yield SSMLayer(prefix, self.A_log, self.D, self.dt_proj.bias, 1, self.x_proj, self.dt_proj.weight)
+        yield SSMLayer(prefix, self.A_log, self.D, self.dt_proj.bias, 1, self.x_proj, self.dt_proj.weight,
+                       x_proj_dim=1)
         yield SSMLayer(prefix + " (bwd)", self.A_b_log, self.D_b, self.dt_proj_b.bias, 1, self.x_proj_b,
-                       self.dt_proj_b.weight)
+                       self.dt_proj_b.weight, x_proj_dim=1)
 
     def _branch(self, x, z, conv, x_proj, dt_proj, A_log, D):
         """One direction: causal conv + SiLU, input-dependent (dt, B, C), selective scan gated by z."""
         x = causal_conv1d_fn(x, rearrange(conv.weight, "d 1 k -> d k"), conv.bias, activation="silu")
         # Channel-first throughout (layers/channel_first): no activation is transposed in memory.
-        x_dbl = channel_first_linear(x, x_proj.weight)
+        x_dbl = x_proj(x)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         # dt_proj's weight only: its bias enters once, as the scan's delta_bias (unlike MV_Hybrid).
         dt = channel_first_linear(dt, dt_proj.weight)

@@ -134,3 +134,29 @@ def test_image_driven_delta_and_bc(tmp_path):
                           "--out-dir", str(tmp_path / "o")])
     assert res["source"].endswith("3 images")  # the broken file is skipped and counted
     assert all(r["delta_from"] == "images" for r in res["layers"])
+
+
+def test_image_driven_bc_average_the_blocks_tokens_not_the_mixers_padding():
+    """MV_Hybrid's mixer pads its sequence (17 tokens -> 24) and runs x_proj channel-first; the averages are
+    over the 17 real tokens, as a token-major recomputation of the release's mixer gives them."""
+    import mambavision
+
+    from eval.frequency_bias import data_driven_params
+
+    torch.manual_seed(0)
+    m = mambavision.create_model("mv_hybrid", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2).eval()
+    mixer = m.blocks[0].mixer
+    seen = []
+    handle = mixer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    x = torch.randn(3, 3, 32, 32)
+    (p, B, C), = data_driven_params(m, [x])
+    handle.remove()
+    h = seen[0]  # (3, 17, 32): the mixer's input
+    assert h.shape[1] == 17
+    with torch.no_grad():
+        xs = F.linear(h, mixer.in_proj.weight).transpose(1, 2).chunk(2, dim=1)[0]
+        xs = F.silu(F.conv1d(F.pad(xs, (1, 2)), mixer.conv1d_x.weight, groups=xs.shape[1]))
+        dbl = F.linear(xs.transpose(1, 2), mixer.x_proj.weight).reshape(-1, mixer.x_proj.out_features).double()
+    r, n = mixer.dt_rank, mixer.d_state
+    torch.testing.assert_close(B.real[0], dbl[:, r:r + n].mean(0))
+    torch.testing.assert_close(C.real[0], dbl[:, r + n:].mean(0))

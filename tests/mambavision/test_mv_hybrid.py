@@ -110,7 +110,7 @@ def test_mixer_applies_dt_bias_twice_and_non_causal_convs():
     x, z = xz.chunk(2, dim=1)
     conv = lambda v, c: F.silu(F.conv1d(v, c.weight, None, padding="same", groups=v.shape[1]))
     x, z = conv(x, mixer.conv1d_x), conv(z, mixer.conv1d_z)
-    dbl = mixer.x_proj(x.transpose(1, 2))
+    dbl = F.linear(x.transpose(1, 2), mixer.x_proj.weight)  # x_proj is nn.Linear's weight, applied channel-first
     dt, B, C = torch.split(dbl, [mixer.dt_rank, 4, 4], -1)
     W, b = mixer.dt_proj.weight, mixer.dt_proj.bias
     delta = F.softplus(dt @ W.T + 2 * b).transpose(1, 2)  # softplus(W dt + 2b)
