@@ -333,7 +333,8 @@ def bench_step(args, device, report, peak):
                 torch.cuda.empty_cache()
     lines = [f"DINOv2 step, paper config, batch {args.step_batch} per GPU, one GPU (one-rank FSDP2), synthetic "
              f"pre-collated batch (no loader); peak {peak or float('nan'):.0f} TFLOP/s (bf16 matmul, this device)", "",
-             "| arch | precision | s/it | images/s | GFLOP/image | TFLOP/s | MFU | kernel ms (GPU busy) | peak mem GiB |",
+             "| arch | precision | s/it | images/s | GFLOP/image | TFLOP/s | MFU | kernel ms (GPU busy) "
+             "| peak mem GiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for k, r in rows.items():
         arch, mode = k.split(" | ")

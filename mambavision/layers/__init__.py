@@ -16,6 +16,6 @@ from .pos_embed import middle_cls_pos_embed, resample_patch_pos_embed
 __all__ = [
     "Attention", "MixerBlock", "DropPath", "drop_path", "drop_path_rates", "EinFFT", "LayerScale", "Mlp", "RMSNorm",
     "RMSNormGated", "PatchEmbed", "resample_patch_pos_embed", "middle_cls_pos_embed", "insert_middle_cls",
-    "BlockStack", "attention_start",
-    "tokens_to_channels", "channels_to_tokens", "channel_first_linear", "ChannelFirstLinear", "hybrid_blocks", "init_mambavision_weights", "inverse_softplus_dt", "lecun_normal_",
+    "BlockStack", "attention_start", "hybrid_blocks", "init_mambavision_weights", "inverse_softplus_dt", "lecun_normal_",
+    "tokens_to_channels", "channels_to_tokens", "channel_first_linear", "ChannelFirstLinear",
 ]

@@ -19,8 +19,8 @@ from torch import nn
 
 from ..card import SSMLayer, SSMMixer
 from ..layers import (
-    ChannelFirstLinear, attention_start, channel_first_linear, channels_to_tokens, hybrid_blocks, init_mambavision_weights,
-    insert_middle_cls, tokens_to_channels,
+    ChannelFirstLinear, attention_start, channel_first_linear, channels_to_tokens, hybrid_blocks,
+    init_mambavision_weights, insert_middle_cls, tokens_to_channels,
 )
 from ..layers.align import padded_length
 from ..ops import selective_scan_fn

@@ -11,8 +11,9 @@ It computes the whole of mamba-ssm's ``selective_scan_fn`` in one pass, as mamba
 and returns ``(out, h_L)``. One program owns one batch element and ``BD`` channels, and walks the
 sequence in chunks of ``T`` steps; a last, partial chunk gets a tile of its own, smaller size (at
 L = 257 and T = 32 a full tile would spend a ninth of the work on one step). Within a chunk the
-recurrence is parallel in time: for each state index the pairs ``(exp(delta A), delta B u)`` are combined with ``tl.associative_scan`` (the affine
-maps compose), and the state entering the chunk is added through the cumulative decay. So the
+recurrence is parallel in time: for each state index the pairs ``(exp(delta A), delta B u)`` are
+combined with ``tl.associative_scan`` (the affine maps compose), and the state entering the chunk is
+added through the cumulative decay. So the
 per-step latency of a sequential loop is gone, and every load is a coalesced [BD, T] tile.
 
 Forward stores the state at every chunk start (B*D*N*L/T floats). Backward walks the chunks from the
@@ -36,14 +37,15 @@ import triton
 import triton.language as tl
 
 # Launch configuration (channels per program, chunk length, warps), from the sweeps in docs/performance.md
-# (H200, bf16, fwd + bwd): with the tail chunk in its own tile, 4 x 8 x 2 is fastest at L = 257 (MV_Hybrid and
-# Vim at 256 px) and at L = 50 (112 px), 5-13% ahead of 2 x 16 x 2. The chunk length is a power of two (the scan's width); the channels per
-# program at most BD, and they must divide a B/C group's channels. LAUNCH, when set, replaces the rule
+# (H200, bf16, fwd + bwd): with the tail chunk in its own tile, 4 x 8 x 2 is fastest at L = 257 (MV_Hybrid
+# and Vim at 256 px) and at L = 50 (112 px), 5-13% ahead of 2 x 16 x 2, so one rule serves every length. The
+# chunk length is a power of two (the scan's width); the channels per program at most BD, and they must
+# divide a B/C group's channels. LAUNCH, when set, replaces the rule
 # (benchmarks/bench_gpu.py sweeps it).
 LAUNCH = None
 
 
-def _config(length: int):
+def _config():
     return LAUNCH or (4, 8, 2)
 
 
@@ -268,10 +270,10 @@ def _launch(u, A, B, D, z, delta_bias, delta_softplus):
     b, d, l = u.shape
     n, groups = A.shape[1], B.shape[1]
     cpg = d // groups
-    bd, chunk, warps = _config(l)
+    bd, chunk, warps = _config()
     bd = _block_d(cpg, bd)
-    meta = dict(T=chunk, TAIL=_tail(l, chunk), BD=bd, BN=max(triton.next_power_of_2(n), 2), num_warps=warps, HAS_D=D is not None,
-                HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
+    meta = dict(T=chunk, TAIL=_tail(l, chunk), BD=bd, BN=max(triton.next_power_of_2(n), 2), num_warps=warps,
+                HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
     return (b, triton.cdiv(d, bd)), triton.cdiv(l, chunk), cpg, meta
 
 
@@ -311,7 +313,7 @@ def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     b, d, l = u.shape
     n = A.shape[1]
     f32 = dict(dtype=torch.float32)
-    n_chunks = triton.cdiv(l, _config(l)[1])
+    n_chunks = triton.cdiv(l, _config()[1])
     # out, the last state, and the state entering every chunk (what the backward restarts from)
     return (u.new_empty((b, d, l)), u.new_empty((b, d, n), **f32), u.new_empty((b, n_chunks, d, n), **f32))
 
