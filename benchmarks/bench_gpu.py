@@ -308,12 +308,64 @@ def _step_row(args, device, peak, arch, mode):
             sync(device)
         kernels = _kernel_times(prof, 2)
     kernel_ms = sum(kernels.values()) if kernels else None
-    return dict(s_per_it=ms / 1e3, images_per_sec=ips, gflop_per_image=fpi / 1e9, kernel_ms=kernel_ms,
+    host = _host_phases(model, opt, step, device)
+    return dict(s_per_it=ms / 1e3, images_per_sec=ips, gflop_per_image=fpi / 1e9, kernel_ms=kernel_ms, host_ms=host,
                 gpu_busy=kernel_ms / ms if kernel_ms else None, kernel_ms_by_category=kernels,
                 tflops=fpi * ips / 1e12, mfu=(fpi * ips / 1e12 / peak) if peak else None,
                 peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                 finite=bool(torch.isfinite(torch.stack(losses)).all()), first_loss=losses[0].item(),
                 last_loss=losses[-1].item())
+
+
+# The parts of a step whose host time _host_phases reports: (object attribute, label).
+HOST_PHASES = (("model._teacher_targets", "teacher fwd"), ("model._center_teacher", "centring"),
+               ("model._student_forward", "student fwd"), ("model._losses", "losses"),
+               ("torch.Tensor.backward", "backward"), ("fsdp.clip_grad_norm_", "clip"),
+               ("scaler.step", "scaler + AdamW"), ("opt.step", "AdamW"), ("model.update_teacher", "EMA"))
+
+
+def _host_phases(model, opt, step, device, reps=3):
+    """Host (CPU) ms per step spent issuing each part of the step, timed without syncing, and the step's
+    wall time: where host time ~ wall time the GPU waits for the host. A part that syncs (the grad scaler's
+    inf check before a foreach AdamW step) also counts its wait."""
+    from dino import fsdp
+
+    spaces = {"model": model, "opt": opt, "fsdp": fsdp, "torch.Tensor": torch.Tensor, "scaler": model.fp16_scaler}
+    acc, saved = {}, []
+    for path, label in HOST_PHASES:
+        space, attr = path.rsplit(".", 1)
+        owner = spaces[space]
+        if owner is None:
+            continue
+        fn = getattr(owner, attr)
+
+        def timed(*a, _fn=fn, _label=label, **k):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                acc[_label] = acc.get(_label, 0.0) + time.perf_counter() - t0
+
+        saved.append((owner, attr, owner.__dict__.get(attr) if not isinstance(owner, type) else fn))
+        setattr(owner, attr, timed)
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step()
+        issued = time.perf_counter() - t0
+        sync(device)
+        wall = time.perf_counter() - t0
+    finally:
+        for owner, attr, old in reversed(saved):
+            if old is None:
+                delattr(owner, attr)  # an instance attribute we added over the class's method
+            else:
+                setattr(owner, attr, old)
+    out = {k: 1e3 * v / reps for k, v in acc.items()}
+    out["issued (all)"] = 1e3 * issued / reps
+    out["wall"] = 1e3 * wall / reps
+    return out
 
 
 def bench_step(args, device, report, peak):
@@ -343,6 +395,15 @@ def bench_step(args, device, report, peak):
         busy = f"{r['kernel_ms']:.0f} ({100 * r['gpu_busy']:.0f}%)" if r["kernel_ms"] else "-"
         lines.append(f"| {arch} | {mode} | {r['s_per_it']:.3f} | {r['images_per_sec']:.0f} | "
                      f"{r['gflop_per_image']:.0f} | {r['tflops']:.1f} | {mfu} | {busy} | {mem} |")
+    lines += ["", "Host ms per step issuing each part (no sync; `issued` is the whole step's host time, `wall` "
+              "includes draining the GPU queue)", "",
+              "| arch | precision | " + " | ".join(label for _, label in HOST_PHASES) + " | issued | wall |",
+              "|---|---|" + "---|" * (len(HOST_PHASES) + 2)]
+    for k, r in rows.items():
+        h = r["host_ms"]
+        cells = [f"{h.get(label, 0.0):.1f}" for _, label in HOST_PHASES] + [f"{h['issued (all)']:.1f}",
+                                                                             f"{h['wall']:.1f}"]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     report.add("step", rows, lines)
 
 

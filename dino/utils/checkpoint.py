@@ -308,6 +308,20 @@ def _load_training_weights(model: nn.Module, state_dict, path: str) -> None:
         raise RuntimeError(f"cannot resume from {path}: its weights do not fit this model: {'; '.join(parts)}") from None
 
 
+# Param-group entries that choose how the optimizer runs, not what it computes.
+OPTIMIZER_IMPL_KEYS = ("fused", "foreach")
+
+
+def _keep_optimizer_impl(optimizer: torch.optim.Optimizer, impl) -> None:
+    for g, own in zip(optimizer.param_groups, impl):
+        g.update(own)
+        if own.get("fused"):  # the fused kernel keeps its step counts on the parameters' device
+            for p in g["params"]:
+                st = optimizer.state.get(p, {})
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].to(p.device)
+
+
 def load_checkpoint(path: str, model: nn.Module, optimizer=None, scaler=None, restore_rng: bool = True,
                     check: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Restore ``model``/``optimizer``/``scaler``/RNG from ``path``; returns the checkpoint dict.
@@ -326,10 +340,14 @@ def load_checkpoint(path: str, model: nn.Module, optimizer=None, scaler=None, re
     if optimizer is not None:
         if ckpt.get("optimizer") is None:
             raise KeyError(f"{path} has no optimizer state")
+        # A saved param group carries its run's kernel choice (fused / foreach); this process keeps its own,
+        # so a checkpoint from a CPU or an older run resumes on the fused CUDA kernel, and the other way round.
+        impl = [{k: g.get(k) for k in OPTIMIZER_IMPL_KEYS} for g in optimizer.param_groups]
         if StateDictOptions is None:
             optimizer.load_state_dict(ckpt["optimizer"])
         else:
             set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=_full_options())
+        _keep_optimizer_impl(optimizer, impl)
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     saved_ws = ckpt.get("world_size", 1)

@@ -207,3 +207,35 @@ def test_dataset_strings():
         make_dataset("Synthetic:lenght=5")
     with pytest.raises(ValueError, match="not key=value"):
         parse_dataset_str("Folder:/data")
+
+
+def test_resume_keeps_this_process_optimizer_kernel(tmp_path):
+    """A param group saved by a foreach (CPU, or older) run must not switch a fused run back to foreach: the
+    kernel choice belongs to the resuming process; the moments and step counts come from the file."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    saved = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    model(torch.randn(2, 4)).sum().backward()
+    saved.step()
+    path = str(tmp_path / "checkpoint.pth")
+    ckpt_mod.save_checkpoint(path, model, saved, None, iteration=1)
+    model.zero_grad(set_to_none=True)  # as in a fresh process
+    resumed = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)  # CPU has the fused kernel too
+    ckpt_mod.load_checkpoint(path, model, resumed, restore_rng=False)
+    group = resumed.param_groups[0]
+    assert group["fused"] is True and group["foreach"] is None
+    for p in model.parameters():
+        assert torch.equal(resumed.state[p]["exp_avg"], saved.state[p]["exp_avg"])
+        assert float(resumed.state[p]["step"]) == 1.0
+    model(torch.randn(2, 4)).sum().backward()
+    resumed.step()  # runs on the fused kernel with the loaded state
+    assert float(resumed.state[model.weight]["step"]) == 2.0
+
+
+def test_build_optimizer_is_fused_only_on_cuda():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"optim": {"adamw_beta1": 0.9, "adamw_beta2": 0.999}})
+    opt = train_mod.build_optimizer(cfg, [{"params": list(torch.nn.Linear(2, 2).parameters())}])
+    assert not opt.param_groups[0]["fused"]  # CPU: torch's default (for-loop or foreach)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999)
