@@ -70,13 +70,27 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 # -- optimisation ------------------------------------------------------------------------------
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, taking FSDP's sharded grad scaler on the fused kernel too.
+
+    Given a fused optimizer, a grad scaler hands it the inf flag as ``optimizer.found_inf`` instead of
+    syncing on it; ``ShardedGradScaler``'s flag has shape (1,), which the fused step cannot subtract from
+    its 0-dim step counts (torch 2.11-2.14), so it is viewed as a scalar first."""
+
+    def step(self, closure=None):
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and found_inf.dim():
+            self.found_inf = found_inf.reshape(())
+        return super().step(closure)
+
+
 def build_optimizer(cfg, params_groups):
     """AdamW; on CUDA torch's fused kernel, the same update: one launch per group where the foreach
     version issues a dozen (the step is bound by the host), and it reads the grad scaler's inf flag on
     the GPU, so a scaled step does not sync."""
     groups = list(params_groups)
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=True if on_cuda else None)
+    return AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=True if on_cuda else None)
 
 
 def build_schedulers(cfg) -> Dict[str, CosineScheduler]:

@@ -239,3 +239,39 @@ def test_build_optimizer_is_fused_only_on_cuda():
     opt = train_mod.build_optimizer(cfg, [{"params": list(torch.nn.Linear(2, 2).parameters())}])
     assert not opt.param_groups[0]["fused"]  # CPU: torch's default (for-loop or foreach)
     assert opt.param_groups[0]["betas"] == (0.9, 0.999)
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29531")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("poison", [False, True])
+def test_fused_adamw_takes_the_sharded_grad_scaler(poison, one_rank_group):
+    """ShardedGradScaler + fused AdamW (torch's raises 'output with shape [] doesn't match the broadcast shape
+    [1]'): the update equals the foreach one, and an inf gradient skips the step, step count included."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt = train_mod.AdamW(model.parameters(), lr=1e-2, fused=fused or None, foreach=None if fused else True)
+        scaler = ShardedGradScaler(device="cpu")
+        scaler.scale(model(torch.randn(2, 4)).sum()).backward()
+        if poison:
+            model.bias.grad[0] = float("inf")
+        scaler.unscale_(opt)  # as optimizer_step does before clipping
+        scaler.step(opt)
+        scaler.update()
+        step = float(opt.state[model.weight].get("step", 0))
+        results.append((model.weight.detach().clone(), step, scaler.get_scale()))
+    (w0, s0, sc0), (w1, s1, sc1) = results
+    torch.testing.assert_close(w1, w0)
+    assert s0 == s1 == (0.0 if poison else 1.0) and sc0 == sc1
