@@ -262,7 +262,7 @@ def _tiny_opts(arch="mv_hybrid"):
             "dino.head_hidden_dim=128", "ibot.head_hidden_dim=128"]
 
 
-def _step_row(args, device, peak, arch, mode):
+def _step_row(args, device, peak, arch, mode, adamw="auto"):
     """One DINOv2 step configuration: time, FLOPs, MFU, memory, and whether the losses stayed finite."""
     from dino.configs import build_config
     from dino.train.ssl_meta_arch import SSLMetaArch
@@ -278,6 +278,10 @@ def _step_row(args, device, peak, arch, mode):
     model.prepare_for_distributed_training(device)
     model.train()
     opt = build_optimizer(cfg, model.get_params_groups())
+    if adamw != "auto":  # the trainer's choice (fused on CUDA) against torch's foreach kernels
+        for g in opt.param_groups:
+            g["fused"], g["foreach"] = adamw == "fused" or None, adamw == "foreach" or None
+        opt._step_supports_amp_scaling = adamw == "fused"
     for g in opt.param_groups:
         g["lr"], g["weight_decay"] = 1e-4, 0.04
     batch = _synthetic_batch(cfg)
@@ -307,6 +311,14 @@ def _step_row(args, device, peak, arch, mode):
                 step()
             sync(device)
         kernels = _kernel_times(prof, 2)
+    if device.type == "cuda" and args.trace:  # a timeline of one step, for GPU idle gaps and host syncs
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            sync(device)
+        os.makedirs(args.trace, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(args.trace, re.sub(r"[^\w]+", "_", f"{arch}_{mode}_{adamw}") + ".json"))
     kernel_ms = sum(kernels.values()) if kernels else None
     host = _host_phases(model, opt, step, device)
     return dict(s_per_it=ms / 1e3, images_per_sec=ips, gflop_per_image=fpi / 1e9, kernel_ms=kernel_ms, host_ms=host,
@@ -375,11 +387,12 @@ def bench_step(args, device, report, peak):
     rows = {}
     for arch in args.archs.split(","):
         for mode in args.precisions.split(","):
-            # a mode may name a scan backend, as in bf16+compile[scan=triton]
-            base_mode, scan = re.fullmatch(r"([\w+-]+)(?:\[scan=(\w+)\])?", mode).groups()
+            # a mode may name a scan backend and the AdamW kernel, as in bf16+compile[scan=triton,adamw=foreach]
+            base_mode, extra = re.fullmatch(r"([\w+-]+)(?:\[([\w=,]+)\])?", mode).groups()
+            extra = dict(kv.split("=") for kv in extra.split(",")) if extra else {}
             torch._dynamo.reset()  # each row compiles afresh, as the trainer does in its own process
-            with scan_backend(scan):
-                rows[f"{arch} | {mode}"] = _step_row(args, device, peak, arch, base_mode)
+            with scan_backend(extra.get("scan")):
+                rows[f"{arch} | {mode}"] = _step_row(args, device, peak, arch, base_mode, extra.get("adamw", "auto"))
             print(f"  {arch} {mode}: {rows[f'{arch} | {mode}']}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -540,6 +553,7 @@ def main(argv=None):
                    help="backbone specs (as in --backbones) whose train step the profile section breaks down")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--trace", default="", help="step section: write a chrome trace of one step per row here")
     p.add_argument("--tiny", action="store_true", help="tiny models and batches (CPU smoke run)")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = p.parse_args(argv)
