@@ -386,7 +386,7 @@ def bench_step(args, device, report, peak):
     distributed.enable(use_cuda=device.type == "cuda")  # one-rank FSDP2 on CUDA, as the trainer runs
     rows = {}
     for arch in args.archs.split(","):
-        for mode in args.precisions.split(","):
+        for mode in re.split(r",(?![^\[]*\])", args.precisions):  # commas inside brackets are options
             # a mode may name a scan backend and the AdamW kernel, as in bf16+compile[scan=triton,adamw=foreach]
             base_mode, extra = re.fullmatch(r"([\w+-]+)(?:\[([\w=,]+)\])?", mode).groups()
             extra = dict(kv.split("=") for kv in extra.split(",")) if extra else {}
