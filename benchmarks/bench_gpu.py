@@ -262,7 +262,7 @@ def _tiny_opts(arch="mv_hybrid"):
             "dino.head_hidden_dim=128", "ibot.head_hidden_dim=128"]
 
 
-def _step_row(args, device, peak, arch, mode, adamw="auto"):
+def _step_row(args, device, peak, arch, mode, adamw="auto", shard=None):
     """One DINOv2 step configuration: time, FLOPs, MFU, memory, and whether the losses stayed finite."""
     from dino.configs import build_config
     from dino.train.ssl_meta_arch import SSLMetaArch
@@ -271,6 +271,9 @@ def _step_row(args, device, peak, arch, mode, adamw="auto"):
     from dino.utils.throughput import count_step_flops
 
     opts = PRECISIONS[mode] + [f"train.batch_size_per_gpu={args.step_batch}"]
+    if shard:
+        opts += [f"compute_precision.{r}.{m}.sharding_strategy={shard}"
+                 for r in ("student", "teacher") for m in ("backbone", "dino_head", "ibot_head")]
     cfg = build_config(os.path.join(REPO, "configs", "train", f"{arch}.yaml"), opts + (_tiny_opts(arch) if args.tiny else []))
     configure_tf32(cfg.compute_precision.tf32)
     torch.manual_seed(0)
@@ -387,12 +390,14 @@ def bench_step(args, device, report, peak):
     rows = {}
     for arch in args.archs.split(","):
         for mode in re.split(r",(?![^\[]*\])", args.precisions):  # commas inside brackets are options
-            # a mode may name a scan backend and the AdamW kernel, as in bf16+compile[scan=triton,adamw=foreach]
+            # a mode may name a scan backend, the AdamW kernel and every sub-network's sharding strategy, as in
+            # bf16+compile[scan=triton,adamw=foreach,shard=SHARD_GRAD_OP]
             base_mode, extra = re.fullmatch(r"([\w+-]+)(?:\[([\w=,]+)\])?", mode).groups()
             extra = dict(kv.split("=") for kv in extra.split(",")) if extra else {}
             torch._dynamo.reset()  # each row compiles afresh, as the trainer does in its own process
             with scan_backend(extra.get("scan")):
-                rows[f"{arch} | {mode}"] = _step_row(args, device, peak, arch, base_mode, extra.get("adamw", "auto"))
+                rows[f"{arch} | {mode}"] = _step_row(args, device, peak, arch, base_mode, extra.get("adamw", "auto"),
+                                                     extra.get("shard"))
             print(f"  {arch} {mode}: {rows[f'{arch} | {mode}']}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()

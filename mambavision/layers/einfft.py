@@ -61,8 +61,9 @@ def _build_dft_constants(L, rows, num_blocks, block_size, device, dtype, wdtype)
     [real; imag] stacked along the rows, with the orthonormal (L, L) DFT in the top-left of each block and
     zeros past L; and the inverse block DFT's real part, (2, C, C). In the weights' dtype: the block DFT's
     phases as a (2, 2, nb, nb) coefficient tensor, and the (nb, nb) identity that makes W2 block-diagonal.
-    Built in float64."""
-    f64 = dict(dtype=torch.float64)
+    Built in float64 on ``device`` itself: under compile they are rebuilt at every call, and a tensor made on
+    the host would be copied from pageable memory, a sync per layer that leaves the GPU idle."""
+    f64 = dict(dtype=torch.float64, device=device)
     k = torch.arange(L, **f64)
     ang = 2 * math.pi * torch.remainder(torch.outer(k, k), L) / L  # remainder keeps kl*2pi/L accurate
     fc, fs = torch.zeros(rows, rows, **f64), torch.zeros(rows, rows, **f64)
@@ -78,8 +79,8 @@ def _build_dft_constants(L, rows, num_blocks, block_size, device, dtype, wdtype)
     g = torch.stack([torch.kron(bc, eye), -torch.kron(bs, eye)])
     # Forward block DFT folded into W1: M_o[(b,d),(j,k)] = sum_i P[o,i,b,j] W1_i[j][d,k], o, i in (re, im).
     phase = torch.stack([torch.stack([bc, bs]), torch.stack([-bs, bc])]).transpose(2, 3)  # P[o, i, b, j]
-    hit = tuple(t.to(device=device, dtype=dtype) for t in (f_fwd, f_inv, g))
-    return hit + tuple(t.to(device=device, dtype=wdtype) for t in (phase, torch.eye(num_blocks, **f64)))
+    hit = tuple(t.to(dtype) for t in (f_fwd, f_inv, g))
+    return hit + tuple(t.to(wdtype) for t in (phase, torch.eye(num_blocks, **f64)))
 
 
 class EinFFT(nn.Module):

@@ -196,3 +196,27 @@ def test_compiled_fast_path_compiles_once_per_length():
         torch.testing.assert_close(compiled(x), m(x))
     assert counters["stats"]["unique_graphs"] == 2  # one graph per length
     torch._dynamo.reset()
+
+
+def test_dft_constants_are_built_on_the_target_device():
+    """Regression (H200, 5cfd683): under compile the DFT matrices are rebuilt at every call, and they were made
+    on the host and then copied: 144 pageable host-to-device copies per DINOv2 step, each a stream sync that left
+    the GPU idle (up to 24 ms a gap). Every op that builds them must run on the target device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mambavision.layers import einfft
+
+    devices = set()
+
+    class Devices(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    devices.add(t.device.type)
+            return out
+
+    with Devices():
+        built = einfft._build_dft_constants(257, 264, 4, 96, torch.device("meta"), torch.bfloat16, torch.float32)
+    assert devices == {"meta"}
+    assert [tuple(t.shape) for t in built] == [(528, 528), (528, 528), (2, 384, 384), (2, 2, 4, 4), (4, 4)]
