@@ -383,6 +383,20 @@ def _host_phases(model, opt, step, device, reps=3):
     return out
 
 
+@contextmanager
+def _one_rank_fsdp(on):
+    """``fsdp=off``: a one-GPU run with plain modules instead of a one-rank FSDP2 group."""
+    from dino import fsdp
+
+    old = fsdp.uses_fsdp
+    if not on:
+        fsdp.uses_fsdp = lambda: False
+    try:
+        yield
+    finally:
+        fsdp.uses_fsdp = old
+
+
 def bench_step(args, device, report, peak):
     from dino import distributed
 
@@ -395,7 +409,7 @@ def bench_step(args, device, report, peak):
             base_mode, extra = re.fullmatch(r"([\w+-]+)(?:\[([\w=,]+)\])?", mode).groups()
             extra = dict(kv.split("=") for kv in extra.split(",")) if extra else {}
             torch._dynamo.reset()  # each row compiles afresh, as the trainer does in its own process
-            with scan_backend(extra.get("scan")):
+            with scan_backend(extra.get("scan")), _one_rank_fsdp(extra.get("fsdp", "on") == "on"):
                 rows[f"{arch} | {mode}"] = _step_row(args, device, peak, arch, base_mode, extra.get("adamw", "auto"),
                                                      extra.get("shard"))
             print(f"  {arch} {mode}: {rows[f'{arch} | {mode}']}", flush=True)
