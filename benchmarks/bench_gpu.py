@@ -384,13 +384,14 @@ def _host_phases(model, opt, step, device, reps=3):
 
 
 @contextmanager
-def _one_rank_fsdp(on):
-    """``fsdp=off``: a one-GPU run with plain modules instead of a one-rank FSDP2 group."""
-    from dino import fsdp
+def _one_rank_fsdp(mode):
+    """``fsdp=on``: wrap the one-GPU run's sub-networks in a one-rank FSDP2 group, as the trainer did up to
+    254a456; ``fsdp=off``: plain modules, the trainer's choice now (dino/fsdp)."""
+    from dino import distributed, fsdp
 
     old = fsdp.uses_fsdp
-    if not on:
-        fsdp.uses_fsdp = lambda: False
+    if mode is not None:
+        fsdp.uses_fsdp = distributed.is_enabled if mode == "on" else (lambda: False)
     try:
         yield
     finally:
@@ -400,22 +401,22 @@ def _one_rank_fsdp(on):
 def bench_step(args, device, report, peak):
     from dino import distributed
 
-    distributed.enable(use_cuda=device.type == "cuda")  # one-rank FSDP2 on CUDA, as the trainer runs
+    distributed.enable(use_cuda=device.type == "cuda")  # a one-rank group on CUDA, as the trainer runs
     rows = {}
     for arch in args.archs.split(","):
         for mode in re.split(r",(?![^\[]*\])", args.precisions):  # commas inside brackets are options
-            # a mode may name a scan backend, the AdamW kernel and every sub-network's sharding strategy, as in
-            # bf16+compile[scan=triton,adamw=foreach,shard=SHARD_GRAD_OP]
+            # a mode may name a scan backend, the AdamW kernel, one-rank FSDP2 and every sub-network's sharding
+            # strategy, as in bf16+compile[scan=triton,adamw=foreach,fsdp=on,shard=SHARD_GRAD_OP]
             base_mode, extra = re.fullmatch(r"([\w+-]+)(?:\[([\w=,]+)\])?", mode).groups()
             extra = dict(kv.split("=") for kv in extra.split(",")) if extra else {}
             torch._dynamo.reset()  # each row compiles afresh, as the trainer does in its own process
-            with scan_backend(extra.get("scan")), _one_rank_fsdp(extra.get("fsdp", "on") == "on"):
+            with scan_backend(extra.get("scan")), _one_rank_fsdp(extra.get("fsdp")):
                 rows[f"{arch} | {mode}"] = _step_row(args, device, peak, arch, base_mode, extra.get("adamw", "auto"),
                                                      extra.get("shard"))
             print(f"  {arch} {mode}: {rows[f'{arch} | {mode}']}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    lines = [f"DINOv2 step, paper config, batch {args.step_batch} per GPU, one GPU (one-rank FSDP2), synthetic "
+    lines = [f"DINOv2 step, paper config, batch {args.step_batch} per GPU, one GPU, synthetic "
              f"pre-collated batch (no loader); peak {peak or float('nan'):.0f} TFLOP/s (bf16 matmul, this device)", "",
              "| arch | precision | s/it | images/s | GFLOP/image | TFLOP/s | MFU | kernel ms (GPU busy) "
              "| peak mem GiB |",

@@ -6,7 +6,8 @@
 * SLURM (``srun``): ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, ``SLURM_NODEID`` and the
   first host of ``SLURM_JOB_NODELIST`` as the master address;
 * neither: a single process. On CPU no process group is created; on CUDA a one-rank NCCL group
-  is created so that the FSDP code path is the same for one GPU and many.
+  is created, so collectives and barriers run as in a multi-GPU job (the sub-networks stay unwrapped
+  there: ``dino.fsdp``).
 
 The backend is NCCL when CUDA is available, gloo otherwise; the device is ``cuda:LOCAL_RANK``.
 """

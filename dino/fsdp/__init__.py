@@ -1,6 +1,6 @@
 """Sharding of the student and teacher sub-networks.
 
-In every distributed run (NCCL on GPUs, gloo on CPUs) each sub-network (backbone, dino_head,
+In every multi-process run (NCCL on GPUs, gloo on CPUs) each sub-network (backbone, dino_head,
 ibot_head) is wrapped as **one** FSDP2 unit with ``fully_shard`` (the paper wraps the whole backbone
 as one FSDP unit), so the sharded code path (DTensor EMA, gathered checkpoints) is the one the CPU
 tests run:
@@ -13,8 +13,14 @@ tests run:
 ``mixed_precision.param_dtype`` / ``reduce_dtype`` become a ``MixedPrecisionPolicy`` and
 ``buffer_dtype`` casts the module's buffers; on CPU all three are fp32 (no fast half precision
 there). Sharded parameters are DTensors; their local shards are what the optimiser and the
-teacher EMA touch. A single CPU process has no process group and is not wrapped; a single CUDA
-process gets a one-rank NCCL group (``dino.distributed.enable``) and is wrapped like any other run.
+teacher EMA touch.
+
+A single process (one GPU, or a CPU) is not wrapped: a one-rank FSDP2 unit shards nothing, yet copies
+every parameter in and out at each forward and again for the backward, and every optimiser, clipping
+and EMA op pays DTensor dispatch. On an H200 that bound the DINOv2 step by the host: 193 against 270
+images/s unwrapped, with the same kernels (docs/performance.md). With no gradient reduction there,
+``reduce_dtype`` has nothing to act on; ``buffer_dtype`` still casts the buffers. Only a half-precision
+``param_dtype``, a policy that FSDP2 implements, still wraps that sub-network on one GPU.
 """
 import logging
 from typing import Iterable
@@ -47,8 +53,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def uses_fsdp() -> bool:
-    """FSDP2 whenever there is a process group: every CUDA run (one rank included) and multi-process CPU runs."""
-    return distributed.is_enabled()
+    """FSDP2 in every multi-process run (one-GPU runs have a one-rank group but stay plain; see above)."""
+    return distributed.is_enabled() and distributed.get_global_size() > 1
 
 
 def _mesh(strategy: str, device: torch.device):
@@ -65,18 +71,21 @@ def wrap_module(module: nn.Module, module_cfg, device: torch.device) -> nn.Modul
 
     ``module_cfg`` is ``compute_precision.<student|teacher>.<module>``.
     """
-    if not uses_fsdp():
-        return module
-    if fully_shard is None:
-        raise RuntimeError("this torch build has no FSDP2 (fully_shard); install torch>=2.4 with distributed support")
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
-        raise NotImplementedError("BatchNorm is not supported under sharding (the backbone contract forbids it)")
     mp = module_cfg.mixed_precision
     # CPUs have no fast half precision (and gloo no fp16 reduce-scatter): compute in fp32 there.
     dtype = (lambda name: DTYPES[name]) if device.type == "cuda" else (lambda name: torch.float32)
     for name, buf in module.named_buffers():
         if buf.is_floating_point():
             buf.data = buf.data.to(dtype(mp.buffer_dtype))
+    if not uses_fsdp() and dtype(mp.param_dtype) == torch.float32:
+        return module
+    if not distributed.is_enabled():
+        raise RuntimeError(f"param_dtype={mp.param_dtype} is an FSDP2 policy and needs a process group: "
+                           "start the run with dino.distributed.enable() (the trainer does)")
+    if fully_shard is None:
+        raise RuntimeError("this torch build has no FSDP2 (fully_shard); install torch>=2.4 with distributed support")
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        raise NotImplementedError("BatchNorm is not supported under sharding (the backbone contract forbids it)")
     policy = MixedPrecisionPolicy(param_dtype=dtype(mp.param_dtype), reduce_dtype=dtype(mp.reduce_dtype))
     strategy = module_cfg.sharding_strategy
     fully_shard(
@@ -115,7 +124,8 @@ def reshard(modules: Iterable[nn.Module]) -> None:
 
 
 def make_grad_scaler():
-    """fp16 loss scaler; the sharded variant all-reduces the inf/NaN check over ranks."""
+    """fp16 loss scaler; the sharded variant all-reduces the inf/NaN check over ranks (and takes plain
+    tensors too, as a one-GPU run has)."""
     if distributed.is_enabled():
         try:
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
