@@ -275,3 +275,29 @@ def test_fused_adamw_takes_the_sharded_grad_scaler(poison, one_rank_group):
     (w0, s0, sc0), (w1, s1, sc1) = results
     torch.testing.assert_close(w1, w0)
     assert s0 == s1 == (0.0 if poison else 1.0) and sc0 == sc1
+
+
+# A one-GPU run has a one-rank process group and plain modules; on CPU the same pair is a one-rank gloo group.
+ONE_RANK_GROUP = """
+import os, sys, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+dist.init_process_group("gloo", rank=0, world_size=1)
+""" + KILLER.replace("import os, signal, sys", "import signal")
+
+
+def test_one_rank_group_trains_checkpoints_and_resumes_like_one_process(tmp_path):
+    """The trainer as it runs on one GPU (a one-rank group, unwrapped sub-networks): the same losses as a plain
+    single process, bit for bit, and a kill and resume (checkpoint save and load with the group) stay exact."""
+    plain, grouped = tmp_path / "plain", tmp_path / "grouped"
+    r = _run(["--output-dir", str(plain)] + TINY + ["train.num_workers=0"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    env = dict(_env(), KILL_AT="5", PORT=str(29000 + random.Random().randrange(2000)))
+    r = _run(["--output-dir", str(grouped)] + TINY + ["train.num_workers=0"], env=env, code=ONE_RANK_GROUP)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-3000:])
+    env["KILL_AT"] = "-1"
+    r = _run(["--output-dir", str(grouped)] + TINY + ["train.num_workers=0"], env=env, code=ONE_RANK_GROUP)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stdout
+    assert _losses(plain) == _losses(grouped)
+    ckpt = torch.load(grouped / "checkpoint.pth", weights_only=True)
+    assert ckpt["world_size"] == 1 and not any("_fsdp" in k or "_orig_mod" in k for k in ckpt["model"])
