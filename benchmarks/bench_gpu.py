@@ -383,6 +383,25 @@ def _host_phases(model, opt, step, device, reps=3):
     return out
 
 
+STEP_OPTIONS = {"scan": ("cuda", "triton", "torch"), "adamw": ("fused", "foreach"), "fsdp": ("on", "off"),
+                "shard": ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")}
+
+
+def parse_step_mode(mode):
+    """``bf16+compile[scan=triton,adamw=foreach]`` -> ("bf16+compile", {"scan": "triton", "adamw": "foreach"}).
+
+    Options: a scan backend, the AdamW kernel, one-rank FSDP2 and every sub-network's sharding strategy."""
+    m = re.fullmatch(r"([\w+-]+)(?:\[([\w=,]+)\])?", mode)
+    if m is None or m.group(1) not in PRECISIONS:
+        raise ValueError(f"step mode {mode!r}: expected one of {list(PRECISIONS)}, optionally with [key=value,...]")
+    extra = dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in m.group(2).split(",")) if m.group(2) else {}
+    for k, v in extra.items():
+        if v not in STEP_OPTIONS.get(k, ()):
+            raise ValueError(f"step mode {mode!r}: option {k}={v} is not one of "
+                             + ", ".join(f"{key}={'|'.join(vals)}" for key, vals in STEP_OPTIONS.items()))
+    return m.group(1), extra
+
+
 @contextmanager
 def _one_rank_fsdp(mode):
     """``fsdp=on``: wrap the one-GPU run's sub-networks in a one-rank FSDP2 group, as the trainer did up to
@@ -405,10 +424,7 @@ def bench_step(args, device, report, peak):
     rows = {}
     for arch in args.archs.split(","):
         for mode in re.split(r",(?![^\[]*\])", args.precisions):  # commas inside brackets are options
-            # a mode may name a scan backend, the AdamW kernel, one-rank FSDP2 and every sub-network's sharding
-            # strategy, as in bf16+compile[scan=triton,adamw=foreach,fsdp=on,shard=SHARD_GRAD_OP]
-            base_mode, extra = re.fullmatch(r"([\w+-]+)(?:\[([\w=,]+)\])?", mode).groups()
-            extra = dict(kv.split("=") for kv in extra.split(",")) if extra else {}
+            base_mode, extra = parse_step_mode(mode)
             torch._dynamo.reset()  # each row compiles afresh, as the trainer does in its own process
             with scan_backend(extra.get("scan")), _one_rank_fsdp(extra.get("fsdp")):
                 rows[f"{arch} | {mode}"] = _step_row(args, device, peak, arch, base_mode, extra.get("adamw", "auto"),

@@ -1,0 +1,39 @@
+"""benchmarks/bench_gpu.py's step section on CPU: its mode options, and the host-time instrumentation, which
+patches torch.Tensor.backward and the model's methods and must put every one of them back."""
+import argparse
+import os
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+import bench_gpu  # noqa: E402
+
+
+def test_step_modes_parse_and_bad_options_are_named():
+    assert bench_gpu.parse_step_mode("bf16") == ("bf16", {})
+    assert bench_gpu.parse_step_mode("bf16+compile[scan=triton,adamw=foreach,fsdp=on]") == (
+        "bf16+compile", {"scan": "triton", "adamw": "foreach", "fsdp": "on"})
+    with pytest.raises(ValueError, match="option adam=fused is not one of"):
+        bench_gpu.parse_step_mode("bf16[adam=fused]")
+    with pytest.raises(ValueError, match="expected one of"):
+        bench_gpu.parse_step_mode("bf17")
+
+
+def test_tiny_step_row_reports_host_phases_and_restores_what_it_patched(tmp_path):
+    from dino import fsdp
+
+    backward, uses_fsdp = torch.Tensor.backward, fsdp.uses_fsdp
+    args = argparse.Namespace(step_batch=4, tiny=True, warmup=1, steps=1, trace="")
+    with bench_gpu._one_rank_fsdp("off"):
+        row = bench_gpu._step_row(args, torch.device("cpu"), None, "vit_12", "fp32", adamw="foreach")
+    assert torch.Tensor.backward is backward and fsdp.uses_fsdp is uses_fsdp
+    host = row["host_ms"]
+    for label in ("teacher fwd", "student fwd", "backward", "clip", "AdamW", "EMA"):
+        assert host[label] > 0, label
+    parts = sum(v for k, v in host.items() if k not in ("issued (all)", "wall", "scaler + AdamW"))
+    assert parts <= host["issued (all)"] <= host["wall"] + 1e-6
+    assert row["finite"]
