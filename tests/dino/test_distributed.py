@@ -175,3 +175,52 @@ def test_one_process_stays_unwrapped_unless_a_half_param_dtype_asks_for_fsdp(mon
     cfg.mixed_precision.param_dtype = "bf16"
     with pytest.raises(RuntimeError, match="param_dtype=bf16 is an FSDP2 policy"):
         fsdp.wrap_module(torch.nn.Linear(3, 2), cfg, torch.device("cuda"))
+
+
+FUSED_ADAMW_ON_DTENSORS = '''
+import os, sys
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+
+def run(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+    from dino.train.train import AdamW
+    weights = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 3))
+        fully_shard(m)
+        opt = AdamW(m.parameters(), lr=1e-2, fused=fused or None, foreach=None if fused else True)
+        scaler = ShardedGradScaler(device="cpu")
+        for it in range(3):  # as optimizer_step: unscale, clip, scaled step
+            opt.zero_grad()
+            torch.manual_seed(10 + it + rank)
+            scaler.scale(m(torch.randn(4, 8)).sum()).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(list(m.parameters()), 1.0)
+            scaler.step(opt)
+            scaler.update()
+        weights.append(torch.cat([p.full_tensor().flatten() for p in m.parameters()]))
+    if rank == 0:
+        torch.save(weights, out)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(run, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2)
+'''
+
+
+def test_fused_adamw_on_sharded_parameters_matches_foreach(tmp_path):
+    """The trainer's CUDA optimizer (fused AdamW) on FSDP2's DTensor shards, with the sharded grad scaler and
+    clipping, over 2 gloo processes (the CPU has the fused kernel too): the same weights as foreach."""
+    script, out = tmp_path / "fused.py", tmp_path / "weights.pt"
+    script.write_text(FUSED_ADAMW_ON_DTENSORS)
+    port = str(29000 + (os.getpid() % 2000))
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(script), port, str(out)], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    foreach, fused = torch.load(out, weights_only=True)
+    torch.testing.assert_close(fused, foreach, rtol=1e-6, atol=1e-6)
