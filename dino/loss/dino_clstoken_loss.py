@@ -35,8 +35,11 @@ def sinkhorn_knopp(teacher_output, teacher_temp, n_samples, n_iterations=3):
     shift = logits.max() if logits.numel() else logits.new_zeros(())
     if _distributed():
         dist.all_reduce(shift, op=dist.ReduceOp.MAX)
-    Q = torch.exp(logits - shift).t()  # (K, n_local): prototypes x samples, as in SwAV
-    K = Q.shape[0]
+    # (n_local, K): samples x prototypes. SwAV and DINOv2 iterate on the transpose, (K, n) as a transposed
+    # view; the same sums and divisions on the contiguous layout run vectorised (an in-place broadcast divide
+    # of the view ran at 0.5 ms a call on an H200: 12 ms of a DINOv2 step's GPU time, profile at 5cfd683).
+    Q = torch.exp(logits - shift)
+    K = Q.shape[1]
     B = torch.as_tensor(n_samples, dtype=Q.dtype, device=Q.device).reshape(())
 
     sum_Q = Q.sum()
@@ -45,16 +48,16 @@ def sinkhorn_knopp(teacher_output, teacher_temp, n_samples, n_iterations=3):
     Q /= sum_Q
     for _ in range(n_iterations):
         # each prototype gets total mass 1/K ...
-        sum_of_rows = Q.sum(dim=1, keepdim=True)
+        sum_per_prototype = Q.sum(dim=0, keepdim=True)
         if _distributed():
-            dist.all_reduce(sum_of_rows)
-        Q /= sum_of_rows
+            dist.all_reduce(sum_per_prototype)
+        Q /= sum_per_prototype
         Q /= K
         # ... and each sample total mass 1/B
-        Q /= Q.sum(dim=0, keepdim=True)
+        Q /= Q.sum(dim=1, keepdim=True)
         Q /= B
-    Q *= B  # columns sum to 1: one assignment per sample
-    return Q.t()
+    Q *= B  # rows sum to 1: one assignment per sample
+    return Q
 
 
 def _apply_pending_center_update(module, prefix, keep_vars):
