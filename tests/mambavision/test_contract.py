@@ -222,3 +222,44 @@ def test_vim_refuses_num_heads_which_it_would_ignore():
     assert "num_heads" not in mambavision.get_card("vim_einfft").accepted_overrides
     with pytest.raises(TypeError, match=r"create_model\('vim_einfft'\): unknown override\(s\) \['num_heads'\]"):
         mambavision.create_model("vim_einfft", num_heads=6)
+
+
+def test_patch_embedding_is_the_strided_convolution_as_one_matrix_product():
+    """Regression (H200 trace, 5cfd683): in bf16 cuDNN ran the stride-16 patch convolution on a slow implicit-GEMM
+    kernel, 1 ms a call at 128 x 256 px. The embedding is now one matrix product over flattened patches; it must
+    equal the Conv2d it replaces (whose weights it keeps), forward and backward, and count the same FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mambavision.layers import PatchEmbed
+
+    torch.manual_seed(0)
+    pe = PatchEmbed(img_size=64, patch_size=16, in_chans=3, embed_dim=32).double()
+    x = torch.randn(2, 3, 48, 64, dtype=torch.float64)  # not square: rows and columns must not swap
+    ref = pe.proj(x).flatten(2).transpose(1, 2)
+    out = pe(x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g_ref = torch.autograd.grad(ref.square().sum(), list(pe.parameters()))
+    g_out = torch.autograd.grad(pe(x).square().sum(), list(pe.parameters()))
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    counts = []
+    for fn in (lambda: pe.proj(x), lambda: pe(x)):
+        with FlopCounterMode(display=False) as c:
+            fn()
+        counts.append(c.get_total_flops())
+    assert counts[0] == counts[1] > 0
+    assert list(pe.state_dict()) == ["proj.weight", "proj.bias"]
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket)
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        pe(x).sum().backward()
+    assert torch.ops.aten.convolution not in ops and torch.ops.aten.convolution_backward not in ops
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pe.float()(x.float()).dtype == torch.bfloat16
