@@ -19,7 +19,7 @@ from torch import nn
 
 from ..card import SSMLayer, SSMMixer
 from ..layers import (
-    ChannelFirstLinear, attention_start, channel_first_linear, channels_to_tokens, hybrid_blocks,
+    ChannelFirstLinear, attention_start, channel_first_linear, channels_to_tokens, depthwise_conv1d, hybrid_blocks,
     init_mambavision_weights, insert_middle_cls, tokens_to_channels,
 )
 from ..layers.align import padded_length
@@ -65,7 +65,7 @@ class MambaVisionMixer(SSMMixer, nn.Module):
         # torch warns on every call for even kernels.
         k = conv.kernel_size[0]
         x = F.pad(x, ((k - 1) // 2, k - 1 - (k - 1) // 2))
-        return F.silu(F.conv1d(x, conv.weight, conv.bias, groups=conv.groups))
+        return F.silu(depthwise_conv1d(x, conv.weight, conv.bias))  # fusable under compile (layers/depthwise_conv)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # Channel-first (b, d, l) from the first projection to the last, the layout of the convolutions and

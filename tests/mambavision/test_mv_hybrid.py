@@ -218,3 +218,51 @@ def test_compiled_blocks_stay_compiled_through_a_dino_step_pattern(caplog):
     limit_hits = [r for r in caplog.records if "recompile_limit" in r.getMessage() or "cache_size_limit" in r.getMessage()]
     assert not limit_hits
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("k, bias", [(4, False), (3, True)])
+def test_depthwise_conv_as_shifted_products_is_the_convolution(k, bias):
+    """layers/depthwise_conv: the form torch.compile fuses equals F.conv1d, forward and every gradient (float64),
+    and runs in autocast's dtype as the convolution does."""
+    from mambavision.layers.depthwise_conv import shifted_products
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, kernel_size=k, groups=6, bias=bias).double()
+    x = torch.randn(2, 6, 11 + k - 1, dtype=torch.float64, requires_grad=True)
+    ref = F.conv1d(x, conv.weight, conv.bias, groups=6)
+    out = shifted_products(x, conv.weight, conv.bias)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), [x, *conv.parameters()]),
+                    torch.autograd.grad((ref * w).sum(), [x, *conv.parameters()])):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xf, cf = x.detach().float(), conv.float()
+        assert shifted_products(xf, cf.weight, cf.bias).dtype == F.conv1d(xf, cf.weight, cf.bias, groups=6).dtype
+
+
+def test_compiled_mixer_has_no_convolution_and_matches_eager(monkeypatch):
+    """Regression (H200 trace, 5cfd683): in a compiled DINOv2 step the mixer's depthwise convolutions ran on ATen's
+    generic depthwise kernels, 21.6 of 228 ms of kernels (134 us a forward call where the bytes take 6 us), which
+    inductor cannot fuse. Under compile they are shifted products: no convolution is left in the traced graph."""
+    import torch._dynamo
+
+    import mambavision.models.mv_hybrid as mvh
+
+    monkeypatch.setattr(mvh, "selective_scan_fn", lambda u, delta, *a, **k: u * torch.sigmoid(delta))
+    targets = []
+
+    def record(gm, inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch.manual_seed(0)
+    mixer = MambaVisionMixer(d_model=32, d_state=8)
+    h = torch.randn(2, 17, 32)
+    torch._dynamo.reset()
+    try:
+        out = torch.compile(mixer, backend=record, fullgraph=True)(h)
+    finally:
+        torch._dynamo.reset()
+    assert targets and not any("conv" in t for t in targets), [t for t in targets if "conv" in t]
+    torch.testing.assert_close(out, mixer(h), rtol=1e-5, atol=1e-6)
