@@ -149,7 +149,7 @@ class EinFFT(nn.Module):
         xt = (F.pad(xt, (0, 0, 0, 0, 0, rows - L)) if rows > L else xt.contiguous()).view(rows * B, C)
         u = torch.bmm(xt.expand(2, -1, -1), m)  # block DFT and W1: (2, rows*B, C)
         # Z = relu(F_L U + b1), both parts in one product.
-        z = (f_fwd @ u.view(2 * rows, B * C)).view(2, rows, B, C).add_(b1.reshape(2, 1, 1, C).to(cdt)).relu_()
+        z = torch.relu((f_fwd @ u.view(2 * rows, B * C)).view(2, rows, B, C) + b1.reshape(2, 1, 1, C).to(cdt))
         z_re, z_im = z.view(2, rows * B, C).unbind(0)
         # S = softshrink(Z W2 + b2), W2 block-diagonal complex.
         s = torch.baddbmm(b2.reshape(2, 1, C).to(cdt), z_re.expand(2, -1, -1), w2_re)
