@@ -120,3 +120,28 @@ def test_auto_prefers_the_traceable_kernel_under_compile(monkeypatch):
     assert ss._resolve_backend(None, "cuda", torch.bfloat16, False, compiling=True) == "cuda"
     # meta tensors (the trainer's FLOP count) never reach a kernel
     assert ss._resolve_backend("triton", "meta", torch.bfloat16, True) == "torch"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_inductor_launches_the_kernels_itself():
+    """Under torch.compile the scan is a triton_op: inductor's code launches both kernels directly (no Python
+    operator call per use) and gives the eager results."""
+    from torch._inductor.utils import run_and_get_code
+
+    args = inputs(2, 64, 72, 16, 1, dtype=torch.bfloat16, device="cuda")
+
+    def loss(**kw):
+        out, last = selective_scan_fn(**kw, delta_softplus=True, return_last_state=True, backend="triton")
+        return out.float().square().sum() + last.sum()
+
+    def grads(fn):
+        return torch.autograd.grad(fn(**args), list(args.values()))
+
+    compiled = torch.compile(loss, fullgraph=True)
+    got, codes = run_and_get_code(grads, compiled)
+    want = grads(loss)
+    code = "\n".join(codes)
+    assert "_scan_fwd_kernel" in code and "_scan_bwd_kernel" in code
+    assert "mambavision.selective_scan_triton" not in code
+    for g, w in zip(got, want):
+        assert torch.allclose(g.float(), w.float(), rtol=2e-2, atol=1e-3 * w.float().abs().max().item())
