@@ -267,7 +267,7 @@ def _tiny_opts(arch="mv_hybrid"):
             "dino.head_hidden_dim=128", "ibot.head_hidden_dim=128"]
 
 
-def _step_row(args, device, peak, arch, mode, adamw="auto", shard=None):
+def _step_row(args, device, peak, arch, mode, adamw="auto", shard=None, compile_mode=None):
     """One DINOv2 step configuration: time, FLOPs, MFU, memory, and whether the losses stayed finite."""
     from dino.configs import build_config
     from dino.train.ssl_meta_arch import SSLMetaArch
@@ -276,6 +276,8 @@ def _step_row(args, device, peak, arch, mode, adamw="auto", shard=None):
     from dino.utils.throughput import count_step_flops
 
     opts = PRECISIONS[mode] + [f"train.batch_size_per_gpu={args.step_batch}"]
+    if compile_mode:
+        opts.append(f"compute_precision.compile_mode={compile_mode}")
     if shard:
         opts += [f"compute_precision.{r}.{m}.sharding_strategy={shard}"
                  for r in ("student", "teacher") for m in ("backbone", "dino_head", "ibot_head")]
@@ -389,14 +391,15 @@ def _host_phases(model, opt, step, device, reps=3):
 
 
 STEP_OPTIONS = {"scan": ("cuda", "triton", "torch"), "adamw": ("fused", "foreach"), "fsdp": ("on", "off"),
-                "shard": ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")}
+                "shard": ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"), "mode": ("default", "reduce-overhead")}
 
 
 def parse_step_mode(mode):
     """``bf16+compile[scan=triton,adamw=foreach]`` -> ("bf16+compile", {"scan": "triton", "adamw": "foreach"}).
 
-    Options: a scan backend, the AdamW kernel, one-rank FSDP2 and every sub-network's sharding strategy."""
-    m = re.fullmatch(r"([\w+-]+)(?:\[([\w=,]+)\])?", mode)
+    Options: a scan backend, the AdamW kernel, one-rank FSDP2, every sub-network's sharding strategy and the
+    blocks' torch.compile mode."""
+    m = re.fullmatch(r"([\w+-]+)(?:\[([\w=,-]+)\])?", mode)
     if m is None or m.group(1) not in PRECISIONS:
         raise ValueError(f"step mode {mode!r}: expected one of {list(PRECISIONS)}, optionally with [key=value,...]")
     extra = dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in m.group(2).split(",")) if m.group(2) else {}
@@ -433,7 +436,7 @@ def bench_step(args, device, report, peak):
             torch._dynamo.reset()  # each row compiles afresh, as the trainer does in its own process
             with scan_backend(extra.get("scan")), _one_rank_fsdp(extra.get("fsdp")):
                 rows[f"{arch} | {mode}"] = _step_row(args, device, peak, arch, base_mode, extra.get("adamw", "auto"),
-                                                     extra.get("shard"))
+                                                     extra.get("shard"), extra.get("mode"))
             print(f"  {arch} {mode}: {rows[f'{arch} | {mode}']}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -52,6 +52,7 @@ def resolve_config_file(path: str) -> str:
 
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 DTYPES = ("fp32", "fp16", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile(mode=...)
 CENTERINGS = ("softmax_center", "sinkhorn_knopp")
 SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_1024", "none")
 MODULES = ("backbone", "dino_head", "ibot_head")
@@ -222,6 +223,7 @@ def validate_config(cfg: DictConfig) -> None:
     _choice(cfg.train.centering, CENTERINGS, "train.centering")
     _choice(cfg.optim.scaling_rule, SCALING_RULES, "optim.scaling_rule")
     _choice(cfg.compute_precision.autocast_dtype, DTYPES, "compute_precision.autocast_dtype")
+    _choice(cfg.compute_precision.compile_mode, COMPILE_MODES, "compute_precision.compile_mode")
     for role in ("student", "teacher"):
         for mod in MODULES:
             c = cfg.compute_precision[role][mod]

@@ -102,8 +102,9 @@ class SSLMetaArch(nn.Module):
         for k in self.student:
             self.teacher[k].load_state_dict(self.student[k].state_dict())
         if self.cfg.compute_precision.compile:
-            self.student.backbone.compile_blocks()
-            self.teacher.backbone.compile_blocks()
+            mode = self.cfg.compute_precision.compile_mode
+            self.student.backbone.compile_blocks(mode=mode)
+            self.teacher.backbone.compile_blocks(mode=mode)
         for k in list(self.student):
             self.student[k] = fsdp.wrap_module(self.student[k], self.cfg.compute_precision.student[k], device)
             self.teacher[k] = fsdp.wrap_module(self.teacher[k], self.cfg.compute_precision.teacher[k], device)
@@ -178,6 +179,9 @@ class SSLMetaArch(nn.Module):
         detached loss terms for display (``dino_local_crops_loss``, ``dino_global_crops_loss``,
         ``koleo_loss``, ``ibot_loss``). The forward passes run under ``compute_precision.autocast_dtype``,
         the centering and the losses in fp32."""
+        if self.cfg.compute_precision.compile and self.cfg.compute_precision.compile_mode == "reduce-overhead":
+            # A new step: the CUDA graphs may reuse the memory of the last step's outputs, which are dead now.
+            torch.compiler.cudagraph_mark_step_begin()
         n_global = 2
         global_crops, local_crops, masks, mask_indices, n_masked, upperbound = self._batch(images)
         n_masked_tensor = self._to_device(images["n_masked_patches"])

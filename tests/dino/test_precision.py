@@ -33,7 +33,8 @@ def test_defaults_are_the_release_settings():
 
 @pytest.mark.parametrize("opt,key", [("compute_precision.autocast_dtype=fp8", "autocast_dtype"),
                                      ("compute_precision.tf32=maybe", "tf32"),
-                                     ("train.peak_tflops=-1", "peak_tflops")])
+                                     ("train.peak_tflops=-1", "peak_tflops"),
+                                     ("compute_precision.compile_mode=fastest", "compile_mode")])
 def test_bad_precision_values_name_the_key(opt, key):
     with pytest.raises(ConfigError, match=key):
         build_config(opts=[opt])
@@ -108,3 +109,23 @@ def test_step_flops_are_counted_on_a_meta_copy_without_touching_the_run():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # Same network passes; the meta copy counts the PyTorch scan's small products (large at this tiny size).
     assert real <= meta < 1.1 * real
+
+
+def test_compile_mode_reaches_every_block_and_cuda_graph_steps_are_marked(monkeypatch):
+    """compute_precision.compile_mode is torch.compile's mode for each block; under reduce-overhead (CUDA graphs)
+    each step first tells the graphs that the last step's outputs are dead."""
+    from mambavision.models.backbone import Backbone
+
+    compiled, marks = [], []
+    monkeypatch.setattr(Backbone, "compile_blocks", lambda self, **kw: compiled.append(kw))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    cfg = tiny_cfg("compute_precision.compile=true", "compute_precision.compile_mode=reduce-overhead")
+    model = build(cfg)
+    assert compiled == [{"mode": "reduce-overhead"}] * 2  # student and teacher
+    batch = make_batch(cfg)
+    model.forward_backward(batch, teacher_temp=0.07)
+    model.forward_backward(batch, teacher_temp=0.07)
+    assert len(marks) == 2
+    plain = build(tiny_cfg("compute_precision.compile=true"))
+    plain.forward_backward(make_batch(plain.cfg), teacher_temp=0.07)
+    assert compiled[-1] == {"mode": "default"} and len(marks) == 2

@@ -17,6 +17,7 @@ def test_step_modes_parse_and_bad_options_are_named():
     assert bench_gpu.parse_step_mode("bf16") == ("bf16", {})
     assert bench_gpu.parse_step_mode("bf16+compile[scan=triton,adamw=foreach,fsdp=on]") == (
         "bf16+compile", {"scan": "triton", "adamw": "foreach", "fsdp": "on"})
+    assert bench_gpu.parse_step_mode("bf16+compile[mode=reduce-overhead]") == ("bf16+compile", {"mode": "reduce-overhead"})
     with pytest.raises(ValueError, match="option adam=fused is not one of"):
         bench_gpu.parse_step_mode("bf16[adam=fused]")
     with pytest.raises(ValueError, match="expected one of"):
