@@ -328,7 +328,8 @@ def _step_row(args, device, peak, arch, mode, adamw="auto", shard=None, compile_
             step()
             sync(device)
         os.makedirs(args.trace, exist_ok=True)
-        prof.export_chrome_trace(os.path.join(args.trace, re.sub(r"[^\w]+", "_", f"{arch}_{mode}_{adamw}") + ".json"))
+        name = "_".join(str(v) for v in (arch, mode, adamw, shard, compile_mode) if v)  # one file per row
+        prof.export_chrome_trace(os.path.join(args.trace, re.sub(r"[^\w]+", "_", name) + ".json"))
     kernel_ms = sum(kernels.values()) if kernels else None
     host = _host_phases(model, opt, step, device)
     return dict(s_per_it=ms / 1e3, images_per_sec=ips, gflop_per_image=fpi / 1e9, kernel_ms=kernel_ms, host_ms=host,
