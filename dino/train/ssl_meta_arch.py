@@ -103,6 +103,11 @@ class SSLMetaArch(nn.Module):
             self.teacher[k].load_state_dict(self.student[k].state_dict())
         if self.cfg.compute_precision.compile:
             mode = self.cfg.compute_precision.compile_mode
+            if mode == "reduce-overhead" and distributed.get_global_size() > 1:
+                # FSDP2 gathers the parameters into fresh memory at each forward; a CUDA graph records addresses.
+                logger.warning("compute_precision.compile_mode=reduce-overhead was measured on one GPU only; "
+                               "under FSDP2 (%d ranks) the CUDA graphs may re-record at every step",
+                               distributed.get_global_size())
             self.student.backbone.compile_blocks(mode=mode)
             self.teacher.backbone.compile_blocks(mode=mode)
         for k in list(self.student):

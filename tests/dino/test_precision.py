@@ -129,3 +129,17 @@ def test_compile_mode_reaches_every_block_and_cuda_graph_steps_are_marked(monkey
     plain = build(tiny_cfg("compute_precision.compile=true"))
     plain.forward_backward(make_batch(plain.cfg), teacher_temp=0.07)
     assert compiled[-1] == {"mode": "default"} and len(marks) == 2
+
+
+def test_cuda_graph_mode_under_several_ranks_warns(monkeypatch, caplog):
+    from mambavision.models.backbone import Backbone
+
+    from dino import distributed, fsdp
+
+    monkeypatch.setattr(Backbone, "compile_blocks", lambda self, **kw: None)
+    monkeypatch.setattr(distributed, "get_global_size", lambda: 4)
+    monkeypatch.setattr(torch.distributed, "broadcast", lambda t, src: None)
+    monkeypatch.setattr(fsdp, "wrap_module", lambda module, cfg, device: module)
+    with caplog.at_level("WARNING", logger="dino"):
+        build(tiny_cfg("compute_precision.compile=true", "compute_precision.compile_mode=reduce-overhead"))
+    assert "measured on one GPU only" in caplog.text and "4 ranks" in caplog.text
