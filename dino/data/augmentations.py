@@ -7,6 +7,7 @@ parameter with ``torch.rand``/``torch.randint``), so seeding torch reproduces th
 import logging
 
 import numpy as np
+import torch
 from PIL import Image
 from scipy import ndimage
 from torchvision import transforms
@@ -52,6 +53,15 @@ class GaussianBlur(transforms.RandomApply):
         super().__init__(transforms=[blur], p=p)
 
 
+def normalize_uint8(x, mean, std):
+    """(..., 3, H, W) uint8 crops -> float32, exactly as torchvision's ToTensor + Normalize compute them
+    (x / 255, then - mean, then / std, each rounded in fp32), so on any device the values are bit-identical
+    to the loader's own normalisation."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return x.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+
 class DataAugmentationDINO:
     """Two global crops and ``local_crops_number`` local crops of one PIL image.
 
@@ -59,6 +69,10 @@ class DataAugmentationDINO:
     probability 0.8 and grayscale with probability 0.2, then a Gaussian blur, then
     ToTensor + Normalize(mean, std). The second global crop may also be solarised
     (threshold 128, p=0.2) when ``solarization`` is on.
+
+    With ``normalize=False`` the crops stay uint8 (3, H, W) tensors and :func:`normalize_uint8`
+    finishes them where they are used: the trainer does so on the GPU, so its loader workers skip the
+    float conversion and ship a quarter of the bytes.
 
     Blur probabilities are the *effective* ones. DINOv2 and the MV_Hybrid release write
     GaussianBlur(p=1.0 / 0.1 / 0.5) for global 1 / global 2 / local crops, but their
@@ -87,6 +101,7 @@ class DataAugmentationDINO:
         global1_blur_p=0.0,
         global2_blur_p=0.9,
         local_blur_p=0.5,
+        normalize=True,
     ):
         if len(color_jitter) != 4:
             raise ValueError(f"color_jitter must be (brightness, contrast, saturation, hue), got {color_jitter!r}")
@@ -133,7 +148,10 @@ class DataAugmentationDINO:
         global2_extra = [GaussianBlur(p=global2_blur_p)]
         if solarization:
             global2_extra.append(transforms.RandomSolarize(threshold=128, p=0.2))
-        self.normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean=mean, std=std)])
+        if normalize:
+            self.normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean=mean, std=std)])
+        else:
+            self.normalize = transforms.PILToTensor()
 
         self.global_transfo1 = transforms.Compose([color_jittering, GaussianBlur(p=global1_blur_p), self.normalize])
         self.global_transfo2 = transforms.Compose([color_jittering, *global2_extra, self.normalize])

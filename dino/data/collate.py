@@ -26,7 +26,8 @@ def collate_data_and_cast(samples_list, mask_ratio_tuple, mask_probability, dtyp
     within it), and the masks are shuffled over the crops.
 
     Returns a dict:
-        collated_global_crops (2B, 3, H, W) and collated_local_crops (nL*B, 3, h, w), in ``dtype``;
+        collated_global_crops (2B, 3, H, W) and collated_local_crops (nL*B, 3, h, w), in ``dtype``
+            (uint8 crops, not yet normalised, stay uint8: see ``augmentations.normalize_uint8``);
         collated_masks: bool (2B, N);
         mask_indices_list: flat indices of the masked entries of ``collated_masks``;
         masks_weight: 1/#masked of each masked token's image, one per masked token;
@@ -64,9 +65,12 @@ def collate_data_and_cast(samples_list, mask_ratio_tuple, mask_probability, dtyp
     mask_indices_list = collated_masks.flatten().nonzero().flatten()
     masks_weight = (1 / collated_masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(collated_masks)[collated_masks]
 
+    def cast(crops):
+        return crops if crops.dtype == torch.uint8 else crops.to(dtype)
+
     return {
-        "collated_global_crops": collated_global_crops.to(dtype),
-        "collated_local_crops": collated_local_crops.to(dtype),
+        "collated_global_crops": cast(collated_global_crops),
+        "collated_local_crops": cast(collated_local_crops),
         "collated_masks": collated_masks,
         "mask_indices_list": mask_indices_list,
         "masks_weight": masks_weight,

@@ -15,6 +15,7 @@ import mambavision
 from dino import distributed
 from dino import fsdp
 from dino.configs.config import as_container
+from dino.data.augmentations import normalize_uint8
 from dino.heads import DINOHead
 from dino.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dino.utils import precision
@@ -212,13 +213,20 @@ class SSLMetaArch(nn.Module):
         return {k: v.detach() for k, v in loss_dict.items()}
 
     def _batch(self, images: Dict):
-        """The collated batch on this model's device: crops, masks, masked indices, their count, upper bound."""
+        """The collated batch on this model's device: crops, masks, masked indices, their count, upper bound.
+        uint8 crops (the trainer's loader) are normalised here, after the copy to the device."""
         n_local = self.cfg.crops.local_crops_number
-        global_crops = self._to_device(images["collated_global_crops"])
-        local_crops = self._to_device(images["collated_local_crops"]) if n_local > 0 else None
+        global_crops = self._crops(images["collated_global_crops"])
+        local_crops = self._crops(images["collated_local_crops"]) if n_local > 0 else None
         masks = self._to_device(images["collated_masks"])
         mask_indices = self._to_device(images["mask_indices_list"])
         return global_crops, local_crops, masks, mask_indices, mask_indices.shape[0], int(images["upperbound"])
+
+    def _crops(self, crops):
+        crops = self._to_device(crops)
+        if crops.dtype == torch.uint8:
+            crops = normalize_uint8(crops, self.cfg.augmentations.mean, self.cfg.augmentations.std)
+        return crops
 
     def run_networks(self, images: Dict) -> None:
         """The network passes of one step, without the losses: teacher forward, student forward, and a

@@ -152,6 +152,7 @@ def build_data_loader(cfg, start_iter: int, device: torch.device):
         global1_blur_p=aug.global1_blur_p,
         global2_blur_p=aug.global2_blur_p,
         local_blur_p=aug.local_blur_p,
+        normalize=False,  # uint8 crops; SSLMetaArch normalises them on the device (a quarter of the bytes)
     )
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
     mask_generator = MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid)

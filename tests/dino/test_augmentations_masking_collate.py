@@ -56,6 +56,31 @@ def test_normalisation_uses_given_mean_and_std():
         torch.testing.assert_close(crop.mean((1, 2)), expected, atol=0.02, rtol=0)
 
 
+def test_uint8_crops_normalised_later_are_bit_identical_to_the_loaders_own():
+    """normalize=False ships uint8 crops (a quarter of the bytes through the workers' queues); normalize_uint8,
+    which the trainer runs on the GPU, must give exactly the values that ToTensor + Normalize give."""
+    from dino.data.augmentations import normalize_uint8
+
+    kw = dict(global_crops_size=64, local_crops_size=32, mean=HE_MEAN, std=HE_STD, solarization=True,
+              color_jitter=(0.2, 0.2, 0.2, 0.1))
+    img = _noise_image()
+    torch.manual_seed(3)
+    ref = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 3, **kw)(img)
+    torch.manual_seed(3)
+    raw = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 3, normalize=False, **kw)(img)
+    crops = raw["global_crops"] + raw["local_crops"]
+    assert all(c.dtype == torch.uint8 for c in crops) and raw["global_crops_teacher"][0] is raw["global_crops"][0]
+    for c, r in zip(crops, ref["global_crops"] + ref["local_crops"]):
+        assert torch.equal(normalize_uint8(c, HE_MEAN, HE_STD), r)
+    # batched, as the trainer calls it on (N, 3, H, W)
+    batch = torch.stack(raw["local_crops"])
+    assert torch.equal(normalize_uint8(batch, HE_MEAN, HE_STD), torch.stack(ref["local_crops"]))
+    # collation keeps uint8 crops as they are (a cast to float would drop the normalisation)
+    gen = MaskingGenerator((4, 4), max_num_patches=8)
+    out = collate_data_and_cast([(raw, 0), (raw, 1)], (0.1, 0.5), 0.5, torch.float32, n_tokens=16, mask_generator=gen)
+    assert out["collated_global_crops"].dtype == torch.uint8 and out["collated_local_crops"].dtype == torch.uint8
+
+
 def test_crops_reproducible_under_torch_seed():
     aug, img = _paper_aug(), _noise_image()
     torch.manual_seed(3)

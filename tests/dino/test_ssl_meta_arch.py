@@ -155,3 +155,33 @@ def test_teacher_checkpoint_loads_with_mambavision(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), model.teacher.backbone(x))
+
+
+def test_uint8_batches_are_normalised_on_the_device_with_the_config_statistics():
+    """The trainer's loader ships uint8 crops; the step normalises them with augmentations.mean/std and gives
+    exactly the losses and gradients of the same batch normalised by the loader."""
+    from dino.data.augmentations import normalize_uint8
+    from dino.train.train import build_data_loader
+
+    cfg = tiny_cfg()
+    raw = make_batch(cfg)
+    g = torch.Generator().manual_seed(1)
+    for k in ("collated_global_crops", "collated_local_crops"):
+        raw[k] = torch.randint(0, 256, raw[k].shape, generator=g, dtype=torch.uint8)
+    done = dict(raw)
+    for k in ("collated_global_crops", "collated_local_crops"):
+        done[k] = normalize_uint8(raw[k], cfg.augmentations.mean, cfg.augmentations.std)
+    results = []
+    for batch in (raw, done):
+        model = build(cfg)
+        torch.manual_seed(5)  # drop path
+        losses = model.forward_backward(batch, teacher_temp=0.04)
+        results.append((losses, [p.grad.clone() for p in model.student.parameters() if p.grad is not None]))
+    (l_raw, g_raw), (l_done, g_done) = results
+    assert all(torch.equal(l_raw[k], l_done[k]) for k in l_raw)
+    assert all(torch.equal(a, b) for a, b in zip(g_raw, g_done))
+
+    loader_cfg = tiny_cfg("train.dataset_path=Synthetic:length=8:image_size=48", "train.num_workers=0",
+                          "train.batch_size_per_gpu=2")
+    batch = next(iter(build_data_loader(loader_cfg, 0, torch.device("cpu"))))
+    assert batch["collated_global_crops"].dtype == torch.uint8 and batch["collated_local_crops"].dtype == torch.uint8
