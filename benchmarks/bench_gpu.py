@@ -25,6 +25,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 
@@ -465,13 +466,36 @@ def bench_step(args, device, report, peak):
     report.add("step", rows, lines)
 
 
+@contextmanager
+def _loader_dataset(spec):
+    """``train.dataset_path`` for the loader section. ``PNG:count=N[:image_size=P]`` renders N synthetic tiles into
+    a temporary folder of PNG files first, so that the loader decodes files as it would real patches."""
+    m = re.fullmatch(r"PNG:count=(\d+)(?::image_size=(\d+))?", spec)
+    if m is None:
+        yield spec
+        return
+    from dino.data.datasets import SyntheticDataset
+
+    tiles = SyntheticDataset(length=int(m.group(1)), seed=0, image_size=int(m.group(2) or 256))
+    with tempfile.TemporaryDirectory() as root:
+        os.makedirs(os.path.join(root, "tiles"))
+        for i in range(len(tiles)):
+            tiles[i][0].save(os.path.join(root, "tiles", f"{i:06d}.png"))
+        yield f"Folder:root={root}"
+
+
 def bench_loader(args, device, report):
+    with _loader_dataset(args.loader_dataset) as dataset_path:
+        _bench_loader(args, device, report, dataset_path)
+
+
+def _bench_loader(args, device, report, dataset_path):
     from dino.configs import build_config
     from dino.train.train import build_data_loader
 
     rows = {}
     for workers in [int(w) for w in args.workers.split(",")]:
-        opts = [f"train.num_workers={workers}", f"train.dataset_path={args.loader_dataset}",
+        opts = [f"train.num_workers={workers}", f"train.dataset_path={dataset_path}",
                 f"train.batch_size_per_gpu={args.step_batch}"] + (_tiny_opts() if args.tiny else [])
         cfg = build_config(os.path.join(REPO, "configs", "train", "mv_hybrid.yaml"), opts)
         it = iter(build_data_loader(cfg, 0, device))
@@ -591,7 +615,8 @@ def main(argv=None):
     p.add_argument("--step-batch", type=int, default=64, help="batch per GPU for step and loader (paper: 64)")
     p.add_argument("--workers", default="8,15", help="loader worker counts")
     p.add_argument("--loader-dataset", default="Synthetic:length=100000:image_size=256",
-                   help="train.dataset_path of the loader section, e.g. Folder:root=/data/patches for real patches")
+                   help="train.dataset_path of the loader section, e.g. Folder:root=/data/patches for real patches, "
+                        "or PNG:count=N (N synthetic tiles saved as PNG files first)")
     p.add_argument("--scan-configs", default="2x32x2,2x32x4,4x32x4,4x16x4,2x64x2,2x64x4,4x64x4,8x16x4,8x32x4",
                    help="Triton scan launch configurations to sweep (channels x chunk x warps); '' to skip")
     p.add_argument("--profile", default="mv_hybrid[einfft=fft],mv_hybrid,mv_hybrid[scan=triton],vit_12",

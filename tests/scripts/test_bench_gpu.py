@@ -38,3 +38,16 @@ def test_tiny_step_row_reports_host_phases_and_restores_what_it_patched(tmp_path
     parts = sum(v for k, v in host.items() if k not in ("issued (all)", "wall", "scaler + AdamW"))
     assert parts <= host["issued (all)"] <= host["wall"] + 1e-6
     assert row["finite"]
+
+
+def test_png_loader_dataset_is_a_temporary_folder_of_decodable_tiles():
+    from PIL import Image
+
+    with bench_gpu._loader_dataset("PNG:count=3:image_size=32") as path:
+        assert path.startswith("Folder:root=")
+        root = path.split("=", 1)[1]
+        files = sorted(os.listdir(os.path.join(root, "tiles")))
+        assert len(files) == 3 and Image.open(os.path.join(root, "tiles", files[0])).size == (32, 32)
+    assert not os.path.exists(root)
+    with bench_gpu._loader_dataset("Synthetic:length=8") as path:
+        assert path == "Synthetic:length=8"
