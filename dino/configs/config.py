@@ -224,6 +224,9 @@ def validate_config(cfg: DictConfig) -> None:
     _choice(cfg.optim.scaling_rule, SCALING_RULES, "optim.scaling_rule")
     _choice(cfg.compute_precision.autocast_dtype, DTYPES, "compute_precision.autocast_dtype")
     _choice(cfg.compute_precision.compile_mode, COMPILE_MODES, "compute_precision.compile_mode")
+    if cfg.compute_precision.compile_mode != "default" and not cfg.compute_precision.compile:
+        raise ConfigError(f"compute_precision.compile_mode={cfg.compute_precision.compile_mode} has no effect "
+                          "without compute_precision.compile=true")
     for role in ("student", "teacher"):
         for mod in MODULES:
             c = cfg.compute_precision[role][mod]

@@ -40,6 +40,11 @@ def test_bad_precision_values_name_the_key(opt, key):
         build_config(opts=[opt])
 
 
+def test_a_compile_mode_without_compile_is_refused():
+    with pytest.raises(ConfigError, match="compile_mode=reduce-overhead has no effect without compute_precision.compile"):
+        build_config(opts=["compute_precision.compile_mode=reduce-overhead"])
+
+
 def test_fp16_autocast_is_refused_on_cpu():
     with pytest.raises(ValueError, match="needs CUDA"):
         precision.autocast("fp16", torch.device("cpu"))
