@@ -30,12 +30,13 @@ atomics once per program, so they are not bit-reproducible from run to run.
 Needs ``triton``. With ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run on
 CPU tensors through Triton's interpreter, which is how the CPU test suite checks them.
 """
-import os
 from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .selective_scan import _triton_interpreted
 
 # Launch configuration (channels per program, chunk length, warps), from the sweeps in docs/performance.md
 # (H200, bf16, fwd + bwd): with the tail chunk in its own tile, 4 x 8 x 2 is fastest at L = 257 (MV_Hybrid
@@ -295,7 +296,7 @@ def _or_dummy(t, like):
 
 # Triton's CPU interpreter (the CPU tests) turns @triton.jit kernels into plain functions that wrap_triton cannot
 # trace; there the two operators are opaque custom ops with explicit fake implementations instead.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+_INTERPRETED = _triton_interpreted()
 
 
 def _operator(name):
