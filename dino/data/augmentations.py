@@ -56,7 +56,8 @@ class GaussianBlur(transforms.RandomApply):
 def normalize_uint8(x, mean, std):
     """(..., 3, H, W) uint8 crops -> float32, exactly as torchvision's ToTensor + Normalize compute them
     (x / 255, then - mean, then / std, each rounded in fp32), so on any device the values are bit-identical
-    to the loader's own normalisation."""
+    to the loader's own normalisation. ``mean`` and ``std``: sequences, or fp32 tensors already on x's device
+    (then nothing is copied)."""
     mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
     std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
     return x.to(torch.float32).div_(255).sub_(mean).div_(std)

@@ -53,6 +53,7 @@ class SSLMetaArch(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
+        self._crop_stats = {}  # device -> (mean, std) tensors for uint8 crops (_crop_statistics)
         student_backbone = mambavision.create_model(cfg.student.arch, **backbone_kwargs(cfg, True))
         teacher_backbone = mambavision.create_model(cfg.student.arch, **backbone_kwargs(cfg, False))
         self.embed_dim = student_backbone.embed_dim
@@ -225,8 +226,18 @@ class SSLMetaArch(nn.Module):
     def _crops(self, crops):
         crops = self._to_device(crops)
         if crops.dtype == torch.uint8:
-            crops = normalize_uint8(crops, self.cfg.augmentations.mean, self.cfg.augmentations.std)
+            crops = normalize_uint8(crops, *self._crop_statistics(crops.device))
         return crops
+
+    def _crop_statistics(self, device):
+        # Made once per device: built from the config's lists at each step, they would be two host-to-device
+        # copies from pageable memory per crop batch, each one waiting for the GPU queue.
+        stats = self._crop_stats.get(device)
+        if stats is None:
+            aug = self.cfg.augmentations
+            stats = self._crop_stats[device] = tuple(torch.tensor(list(v), dtype=torch.float32, device=device)
+                                                     for v in (aug.mean, aug.std))
+        return stats
 
     def run_networks(self, images: Dict) -> None:
         """The network passes of one step, without the losses: teacher forward, student forward, and a

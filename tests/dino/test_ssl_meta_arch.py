@@ -181,6 +181,12 @@ def test_uint8_batches_are_normalised_on_the_device_with_the_config_statistics()
     assert all(torch.equal(l_raw[k], l_done[k]) for k in l_raw)
     assert all(torch.equal(a, b) for a, b in zip(g_raw, g_done))
 
+    # the statistics are made once per device, not copied to it at every step
+    model = build(cfg)
+    first = model._crop_statistics(torch.device("cpu"))
+    model.forward_backward(raw, teacher_temp=0.04)
+    assert all(a is b for a, b in zip(first, model._crop_statistics(torch.device("cpu"))))
+
     loader_cfg = tiny_cfg("train.dataset_path=Synthetic:length=8:image_size=48", "train.num_workers=0",
                           "train.batch_size_per_gpu=2")
     batch = next(iter(build_data_loader(loader_cfg, 0, torch.device("cpu"))))
