@@ -77,9 +77,10 @@ def requeue_slurm_job() -> Optional[str]:
     if not job:
         logger.warning("pre-emption checkpoint saved; not in a SLURM job, so nothing to requeue")
         return None
+    # Logged first: once the requeue is accepted SLURM ends this job, often before another line is written.
+    logger.warning("requeueing SLURM job %s; the new start resumes from the saved checkpoint", job)
     proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise RuntimeError(f"scontrol requeue {job} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}; "
                            "the checkpoint is saved, resubmit the same command to resume")
-    logger.warning("requeued SLURM job %s; it resumes from the saved checkpoint", job)
     return job

@@ -1,6 +1,6 @@
 """Pre-emption and requeue on a real one-node SLURM cluster (slurmctld + slurmd + munged).
 
-The tiny training is submitted through ``dino/Train_MVHybrid_DINOv2_SLURM.sh`` with a one-minute
+The tiny training is submitted through ``dino/Train_MVHybrid_DINOv2_SLURM.sh`` with a two-minute
 time limit: SLURM signals the batch shell (``B:USR1``), which relays the signal to the trainer; the
 trainer saves its checkpoint and requeues the job (the one requeue path); the requeued job resumes, and its losses equal an
 uninterrupted run's. The submitit launcher (``python -m dino.run.train``) is run against the same
@@ -8,8 +8,9 @@ cluster. ``.ci/run`` installs slurm-wlm and munge; without them these tests are 
 
 A requeued job waits in ``PENDING (BeginTime)`` until its old credential expires; the cluster
 shortens that from 120 s to 10 s (``cred_expire``). SLURM checks time limits only every 30 s, so a job's
-signal comes 5 to 35 s after its start: the number of iterations is set from a short timed run
-so that the training outlasts that on any machine, and is surely caught.
+signal (110 s before its end) comes 10 to 40 s after its start: not before the trainer has imported torch
+and installed its handlers (until then USR1 would kill it), and the number of iterations is set from a
+short timed run so that the training outlasts that on any machine, and is surely caught.
 """
 import json
 import math
@@ -26,7 +27,7 @@ from test_slurm import MAIN_SCRIPT, REPO, TINY, child_env, losses, tiny_argv
 
 ABSENT = missing()
 REASON = f"no SLURM cluster test: {', '.join(ABSENT)} not installed (Debian: apt-get install slurm-wlm munge)"
-SIGNAL_BY_S = 35  # latest arrival of the time-limit signal after the job's start (30 s check period)
+SIGNAL_BY_S = 40  # latest arrival of the time-limit signal after the job's start (30 s check period)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,14 @@ def wait_requeued(cluster, job_id, timeout=90):
     cluster.scontrol("update", f"JobId={job_id}", "TimeLimit=10")
 
 
+def assert_saved_requeued_resumed(out, job_output):
+    """The trainer's log shows the three steps of a pre-emption; on failure, names the missing ones."""
+    log = (out / "log.txt").read_text()
+    missing = [m for m in ("pre-emption requested: saved", "requeueing SLURM job", "resuming from") if m not in log]
+    job_text = job_output if isinstance(job_output, str) else "\n".join(p.read_text() for p in job_output)
+    assert not missing, f"{missing} not in {out / 'log.txt'}:\n{log[-6000:]}\n--- job output:\n{job_text[-3000:]}"
+
+
 def iterations_lasting(seconds, tmp_path):
     """Iterations (a multiple of 100) of the tiny training that take about ``seconds`` here."""
     out = tmp_path / "timing"
@@ -90,7 +99,7 @@ def test_sbatch_script_signal_save_requeue_resume(cluster, tmp_path):
                OUTPUT_DIR=str(out), CONFIG=TINY[1], DATASET_PATH="Synthetic:length=64:image_size=32")
     r = subprocess.run(
         ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
-         "--time=1", "--signal=B:USR1@55", f"--output={tmp_path / 'job.out'}", f"--error={tmp_path / 'job.err'}",
+         "--time=2", "--signal=B:USR1@110", f"--output={tmp_path / 'job.out'}", f"--error={tmp_path / 'job.err'}",
          str(MAIN_SCRIPT)] + overrides, env=env, cwd=REPO, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().split(";")[0]
@@ -99,8 +108,7 @@ def test_sbatch_script_signal_save_requeue_resume(cluster, tmp_path):
     text = (tmp_path / "job.out").read_text()
     assert "caught USR1: asking the trainer to checkpoint and requeue the job" in text  # the time-limit signal
     assert "(restart 1)" in text and "training finished with status 0" in text
-    log = (out / "log.txt").read_text()
-    assert "pre-emption requested: saved" in log and "requeued SLURM job" in log and "resuming from" in log
+    assert_saved_requeued_resumed(out, text)
     _, err = ref.communicate(timeout=300)
     assert ref.returncode == 0, err[-3000:]
     got, expected = losses(out), losses(ref_out)
@@ -123,8 +131,7 @@ def test_submitit_launcher_requeues_and_resumes(cluster, tmp_path):
     subprocess.run(["scancel", "--signal=USR2", job], env=cluster.env, check=True, timeout=30)
     wait_requeued(cluster, job)
     wait_job(cluster, job, lambda s: s == "COMPLETED", 240, "complete")
-    log = (out / "log.txt").read_text()
-    assert "pre-emption requested: saved" in log and "requeued SLURM job" in log and "resuming from" in log
+    assert_saved_requeued_resumed(out, (tmp_path / "submitit").glob("*_log.out"))
     _, err = ref.communicate(timeout=300)
     assert ref.returncode == 0, err[-3000:]
     assert losses(out) == losses(ref_out) and sorted(losses(out)) == list(range(200))
