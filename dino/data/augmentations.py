@@ -12,6 +12,7 @@ from PIL import Image
 from scipy import ndimage
 from torchvision import transforms
 
+from dino.data.color_jitter import ColorJitter
 from mambavision import HE_MEAN, HE_STD  # noqa: F401  (re-exported by dino.data: the H&E statistics)
 
 logger = logging.getLogger("dino")  # the logger setup_logging configures
@@ -67,7 +68,8 @@ class DataAugmentationDINO:
     """Two global crops and ``local_crops_number`` local crops of one PIL image.
 
     Each crop: RandomResizedCrop (bicubic) + horizontal flip (p=0.5), then ColorJitter with
-    probability 0.8 and grayscale with probability 0.2, then a Gaussian blur, then
+    probability 0.8 (its hue step by table lookup, :mod:`dino.data.color_jitter`: the same bytes) and
+    grayscale with probability 0.2, then a Gaussian blur, then
     ToTensor + Normalize(mean, std). The second global crop may also be solarised
     (threshold 128, p=0.2) when ``solarization`` is on.
 
@@ -140,8 +142,7 @@ class DataAugmentationDINO:
         color_jittering = transforms.Compose(
             [
                 transforms.RandomApply(
-                    [transforms.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)],
-                    p=0.8,
+                    [ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)], p=0.8
                 ),
                 transforms.RandomGrayscale(p=0.2),
             ]
