@@ -21,6 +21,7 @@ import argparse
 import logging
 import math
 import os
+import time
 from functools import partial
 from typing import Dict
 
@@ -252,7 +253,9 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True) -> Dict:
     try:
         data_iter = iter(data_loader)
         for iteration in range(start_iter, max_iter):
+            waited = time.perf_counter()
             data = next(data_iter)
+            writer.waited_for_data(time.perf_counter() - waited)
             # Python floats: numpy scalars would end up in the optimiser state and the checkpoint.
             lr, wd = float(schedules["lr"][iteration]), float(schedules["wd"][iteration])
             mom, teacher_temp = float(schedules["mom"][iteration]), float(schedules["teacher_temp"][iteration])

@@ -80,6 +80,7 @@ class MetricsWriter:
         self._tb = None
         self._last_time: Optional[float] = None
         self._iter_time = SmoothedValue(window_size)
+        self._data_time = SmoothedValue(window_size)
         if enabled:
             os.makedirs(output_dir, exist_ok=True)
             if tensorboard:
@@ -123,6 +124,16 @@ class MetricsWriter:
             self._iter_time.update(dt)
         return dt
 
+    @property
+    def data_time(self) -> float:
+        """Median seconds per iteration spent waiting for the data loader (nan before the first batch)."""
+        return self._data_time.median if self._data_time.count else float("nan")
+
+    def waited_for_data(self, seconds: float) -> None:
+        """Record how long this iteration's ``next(loader)`` blocked. The step syncs the host once per
+        iteration, so a loader that keeps up leaves its batches ready and this stays near zero."""
+        self._data_time.update(seconds)
+
     def update(self, **values: float) -> None:
         for k, v in values.items():
             self.meters[k].update(float(v))
@@ -134,6 +145,8 @@ class MetricsWriter:
         record = {"iteration": iteration, **values}
         if self._iter_time.count:  # seconds per iteration (median over the window), for throughput
             record["iter_time"] = self._iter_time.median
+        if self._data_time.count:  # of which waiting for the loader (DINOv2's "data" time)
+            record["data_time"] = self._data_time.median
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -144,6 +157,8 @@ class MetricsWriter:
         if self._iter_time.count:
             secs = self._iter_time.global_avg * (max_iter - iteration - 1)
             eta = f"eta {datetime.timedelta(seconds=int(secs))}  it {self._iter_time.median:.3f}s  "
+        if self._data_time.count:
+            eta += f"data {self._data_time.median:.3f}s  "
         shown = "  ".join(f"{k} {self.meters[k]}" for k in ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "lr") if k in self.meters)
         if "images_per_sec" in values:
             shown += f"  img/s {values['images_per_sec']:.1f}"

@@ -1,5 +1,6 @@
 """compute_precision.*: TF32 switch, bf16 autocast through the whole DINOv2 step, and the speed log."""
 import json
+import time
 
 import pytest
 import torch
@@ -100,6 +101,28 @@ def test_training_metrics_carry_images_per_sec_and_mfu(tmp_path):
     assert len({r["tflops_per_gpu"] / r["images_per_sec"] for r in later}) == 1 or all(
         abs(r["tflops_per_gpu"] / r["images_per_sec"] - later[0]["tflops_per_gpu"] / later[0]["images_per_sec"]) < 1e-12
         for r in later)  # one FLOP count per image, from the first step
+
+
+def test_training_metrics_carry_the_time_spent_waiting_for_data(tmp_path, monkeypatch):
+    """A loader that takes 60 ms a batch: the log and training_metrics.json say the step waited that long."""
+    delay = 0.06
+    build_loader = train_mod.build_data_loader
+
+    class SlowLoader:
+        def __init__(self, loader):
+            self.loader, self.dataset = loader, loader.dataset
+
+        def __iter__(self):
+            for batch in self.loader:
+                time.sleep(delay)
+                yield batch
+
+    monkeypatch.setattr(train_mod, "build_data_loader", lambda *a: SlowLoader(build_loader(*a)))
+    train_mod.main(["--config-file", "configs/demo/tiny.yaml", "--output-dir", str(tmp_path)])
+    rows = [json.loads(line) for line in open(tmp_path / "training_metrics.json")]
+    timed = [r for r in rows if "iter_time" in r]
+    assert timed and all(delay <= r["data_time"] <= r["iter_time"] for r in timed)
+    assert " data 0.0" in (tmp_path / "log.txt").read_text()
 
 
 def test_step_flops_are_counted_on_a_meta_copy_without_touching_the_run():
