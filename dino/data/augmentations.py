@@ -13,6 +13,7 @@ from scipy import ndimage
 from torchvision import transforms
 
 from dino.data.color_jitter import ColorJitter
+from dino.data.photometric import PhotometricDraw
 from mambavision import HE_MEAN, HE_STD  # noqa: F401  (re-exported by dino.data: the H&E statistics)
 
 logger = logging.getLogger("dino")  # the logger setup_logging configures
@@ -75,7 +76,10 @@ class DataAugmentationDINO:
 
     With ``normalize=False`` the crops stay uint8 (3, H, W) tensors and :func:`normalize_uint8`
     finishes them where they are used: the trainer does so on the GPU, so its loader workers skip the
-    float conversion and ship a quarter of the bytes.
+    float conversion and ship a quarter of the bytes. ``photometric_on_device=True`` (with
+    ``normalize=False``) also leaves the jitter, grayscale, blur and solarisation to the device: the
+    crops are only cropped and flipped, and ``global_crops_params`` / ``local_crops_params`` carry the
+    drawn parameters for :func:`dino.data.photometric.apply_photometric`.
 
     Blur probabilities are the *effective* ones. DINOv2 and the MV_Hybrid release write
     GaussianBlur(p=1.0 / 0.1 / 0.5) for global 1 / global 2 / local crops, but their
@@ -105,9 +109,13 @@ class DataAugmentationDINO:
         global2_blur_p=0.9,
         local_blur_p=0.5,
         normalize=True,
+        photometric_on_device=False,
     ):
         if len(color_jitter) != 4:
             raise ValueError(f"color_jitter must be (brightness, contrast, saturation, hue), got {color_jitter!r}")
+        if photometric_on_device and normalize:
+            raise ValueError("photometric_on_device needs normalize=False: the crops leave as uint8, the device "
+                             "applies the photometric steps, then normalises")
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std need 3 (RGB) values, got mean={mean!r} std={std!r}")
         blur_ps = {"global1_blur_p": global1_blur_p, "global2_blur_p": global2_blur_p, "local_blur_p": local_blur_p}
@@ -158,6 +166,12 @@ class DataAugmentationDINO:
         self.global_transfo1 = transforms.Compose([color_jittering, GaussianBlur(p=global1_blur_p), self.normalize])
         self.global_transfo2 = transforms.Compose([color_jittering, *global2_extra, self.normalize])
         self.local_transfo = transforms.Compose([color_jittering, GaussianBlur(p=local_blur_p), self.normalize])
+        self.photometric_on_device = photometric_on_device
+        if photometric_on_device:  # the same draws, applied later on the device (dino.data.photometric)
+            draw = dict(color_jitter=color_jitter)
+            self.draw_global1 = PhotometricDraw(blur_p=global1_blur_p, **draw)
+            self.draw_global2 = PhotometricDraw(blur_p=global2_blur_p, solarize_p=0.2 if solarization else None, **draw)
+            self.draw_local = PhotometricDraw(blur_p=local_blur_p, **draw)
 
     def __call__(self, image):
         """PIL image (any mode; converted to RGB) -> dict of crops."""
@@ -166,6 +180,8 @@ class DataAugmentationDINO:
         if image.mode != "RGB":
             image = image.convert("RGB")  # grayscale, palette, RGBA (alpha dropped), 16-bit ...
 
+        if self.photometric_on_device:
+            return self._geometric_and_draws(image)
         global_crop_1 = self.global_transfo1(self.geometric_augmentation_global(image))
         global_crop_2 = self.global_transfo2(self.geometric_augmentation_global(image))
         local_crops = [
@@ -176,5 +192,22 @@ class DataAugmentationDINO:
             # the teacher sees the same two global crops
             "global_crops_teacher": [global_crop_1, global_crop_2],
             "local_crops": local_crops,
+            "offsets": (),
+        }
+
+    def _geometric_and_draws(self, image):
+        # Per crop, geometry then the photometric draws: the order in which __call__'s transforms draw.
+        crops, params = [], []
+        for geometric, draw in [(self.geometric_augmentation_global, self.draw_global1),
+                                (self.geometric_augmentation_global, self.draw_global2)] + \
+                [(self.geometric_augmentation_local, self.draw_local)] * self.local_crops_number:
+            crops.append(self.normalize(geometric(image)))
+            params.append(draw())
+        return {
+            "global_crops": crops[:2],
+            "global_crops_teacher": crops[:2],
+            "local_crops": crops[2:],
+            "global_crops_params": params[:2],
+            "local_crops_params": params[2:],
             "offsets": (),
         }

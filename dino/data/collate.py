@@ -32,7 +32,9 @@ def collate_data_and_cast(samples_list, mask_ratio_tuple, mask_probability, dtyp
         mask_indices_list: flat indices of the masked entries of ``collated_masks``;
         masks_weight: 1/#masked of each masked token's image, one per masked token;
         upperbound: an upper bound on the number of masked tokens (for fixed-size buffers);
-        n_masked_patches: long tensor (1,) with the number of masked tokens.
+        n_masked_patches: long tensor (1,) with the number of masked tokens;
+        collated_global_params / collated_local_params: only for crops whose photometric steps run on the
+            device, the (n, N_PARAMS) parameters in the crops' order.
     """
     if not samples_list:
         raise ValueError("collate_data_and_cast: empty batch")
@@ -68,7 +70,11 @@ def collate_data_and_cast(samples_list, mask_ratio_tuple, mask_probability, dtyp
     def cast(crops):
         return crops if crops.dtype == torch.uint8 else crops.to(dtype)
 
+    # Photometric parameters of crops augmented on the device (dino.data.photometric), in the crops' order.
+    params = {f"collated_{kind}_params": _stack_crops(samples_list, f"{kind}_crops_params")
+              for kind in ("global", "local") if f"{kind}_crops_params" in samples_list[0][0]}
     return {
+        **params,
         "collated_global_crops": cast(collated_global_crops),
         "collated_local_crops": cast(collated_local_crops),
         "collated_masks": collated_masks,

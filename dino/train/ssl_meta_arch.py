@@ -16,6 +16,7 @@ from dino import distributed
 from dino import fsdp
 from dino.configs.config import as_container
 from dino.data.augmentations import normalize_uint8
+from dino.data.photometric import apply_photometric
 from dino.heads import DINOHead
 from dino.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dino.utils import precision
@@ -217,14 +218,17 @@ class SSLMetaArch(nn.Module):
         """The collated batch on this model's device: crops, masks, masked indices, their count, upper bound.
         uint8 crops (the trainer's loader) are normalised here, after the copy to the device."""
         n_local = self.cfg.crops.local_crops_number
-        global_crops = self._crops(images["collated_global_crops"])
-        local_crops = self._crops(images["collated_local_crops"]) if n_local > 0 else None
+        global_crops = self._crops(images["collated_global_crops"], images.get("collated_global_params"))
+        local_crops = self._crops(images["collated_local_crops"], images.get("collated_local_params")) \
+            if n_local > 0 else None
         masks = self._to_device(images["collated_masks"])
         mask_indices = self._to_device(images["mask_indices_list"])
         return global_crops, local_crops, masks, mask_indices, mask_indices.shape[0], int(images["upperbound"])
 
-    def _crops(self, crops):
+    def _crops(self, crops, photometric=None):
         crops = self._to_device(crops)
+        if photometric is not None and crops.device.type != "meta":  # augmentations.on_device; no FLOPs to count
+            crops = apply_photometric(crops, self._to_device(photometric))
         if crops.dtype == torch.uint8:
             crops = normalize_uint8(crops, *self._crop_statistics(crops.device))
         return crops

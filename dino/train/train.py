@@ -154,6 +154,7 @@ def build_data_loader(cfg, start_iter: int, device: torch.device):
         global2_blur_p=aug.global2_blur_p,
         local_blur_p=aug.local_blur_p,
         normalize=False,  # uint8 crops; SSLMetaArch normalises them on the device (a quarter of the bytes)
+        photometric_on_device=bool(aug.on_device),
     )
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
     mask_generator = MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid)
