@@ -50,7 +50,7 @@ class PhotometricDraw:
     def __call__(self) -> torch.Tensor:
         p = torch.zeros(N_PARAMS)
         p[ORDER] = torch.arange(4, dtype=torch.float32)
-        p[FACTORS] = torch.tensor([1.0, 1.0, 1.0, 0.0])  # neutral: nothing drawn
+        p[FACTORS] = float("nan")  # a step whose factor is not drawn (e.g. hue=0) is skipped, as ColorJitter does
         if not self.jitter_p < torch.rand(1):  # RandomApply applies its transforms unless p < rand
             j = self.jitter
             order, *factors = j.get_params(j.brightness, j.contrast, j.saturation, j.hue)
@@ -152,9 +152,11 @@ def apply_photometric(crops: torch.Tensor, params: torch.Tensor) -> torch.Tensor
     jitter = on(JITTER)
     order = params[:, ORDER].round().to(torch.int64)
     factors = params[:, FACTORS]
+    drawn = ~torch.isnan(factors)
+    factors = torch.where(drawn, factors, torch.tensor([1.0, 1.0, 1.0, 0.0], device=factors.device))
     for position in range(4):  # the drawn order of brightness, contrast, saturation, hue, per crop
         for op_id, op in enumerate(_JITTER_OPS):
-            chosen = jitter & (order[:, position] == op_id).view(-1, 1, 1, 1)
+            chosen = (jitter & ((order[:, position] == op_id) & drawn[:, op_id]).view(-1, 1, 1, 1))
             f = factors[:, op_id]
             x = torch.where(chosen, op(x, f if op_id == 3 else f.view(-1, 1, 1, 1)), x)
     x = torch.where(on(GRAY), _luma(x).expand_as(x), x)
