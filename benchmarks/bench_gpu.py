@@ -245,15 +245,34 @@ def _sweep_triton(args, device, report, shapes):
     report.add("scan_configs", {k: list(v) for k, v in rows.items()}, lines)
 
 
-def _synthetic_batch(cfg, seed=0):
+def _synthetic_batch(cfg, seed=0, crops="float"):
+    """A collated batch of random crops. ``crops``: ``float`` (already normalised), ``uint8`` (normalised by
+    the step, as the trainer's loader ships them) or ``device`` (uint8 plus photometric parameters drawn for
+    the config: the step also runs colour jitter, grayscale, blur and solarisation, augmentations.on_device)."""
     from dino.data.collate import collate_data_and_cast
     from dino.data.masking import MaskingGenerator
+    from dino.data.photometric import PhotometricDraw
 
     g = torch.Generator().manual_seed(seed)
     G, Lc, nl = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
-    samples = [({"global_crops": [torch.randn(3, G, G, generator=g) for _ in range(2)],
-                 "local_crops": [torch.randn(3, Lc, Lc, generator=g) for _ in range(max(nl, 1))]}, ())
-               for _ in range(cfg.train.batch_size_per_gpu)]
+    aug = cfg.augmentations
+    draws = [PhotometricDraw(aug.color_jitter, blur_p=aug.global1_blur_p),
+             PhotometricDraw(aug.color_jitter, blur_p=aug.global2_blur_p, solarize_p=0.2 if aug.solarization else None),
+             PhotometricDraw(aug.color_jitter, blur_p=aug.local_blur_p)]
+
+    def crop(size):
+        if crops == "float":
+            return torch.randn(3, size, size, generator=g)
+        return torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
+
+    def sample():
+        s = {"global_crops": [crop(G) for _ in range(2)], "local_crops": [crop(Lc) for _ in range(max(nl, 1))]}
+        if crops == "device":
+            s["global_crops_params"] = [draws[0](), draws[1]()]
+            s["local_crops_params"] = [draws[2]() for _ in range(max(nl, 1))]
+        return s, ()
+
+    samples = [sample() for _ in range(cfg.train.batch_size_per_gpu)]
     grid = G // cfg.student.patch_size
     return collate_data_and_cast(samples, mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
                                  mask_probability=cfg.ibot.mask_sample_probability, dtype=torch.float32,
@@ -268,7 +287,7 @@ def _tiny_opts(arch="mv_hybrid"):
             "dino.head_hidden_dim=128", "ibot.head_hidden_dim=128"]
 
 
-def _step_row(args, device, peak, arch, mode, adamw="auto", shard=None, compile_mode=None):
+def _step_row(args, device, peak, arch, mode, adamw="auto", shard=None, compile_mode=None, crops="float"):
     """One DINOv2 step configuration: time, FLOPs, MFU, memory, and whether the losses stayed finite."""
     from dino.configs import build_config
     from dino.train.ssl_meta_arch import SSLMetaArch
@@ -295,7 +314,7 @@ def _step_row(args, device, peak, arch, mode, adamw="auto", shard=None, compile_
         opt._step_supports_amp_scaling = adamw == "fused"
     for g in opt.param_groups:
         g["lr"], g["weight_decay"] = 1e-4, 0.04
-    batch = _synthetic_batch(cfg)
+    batch = _synthetic_batch(cfg, crops=crops)
     if device.type == "cuda":
         batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
     losses = []
@@ -393,14 +412,16 @@ def _host_phases(model, opt, step, device, reps=3):
 
 
 STEP_OPTIONS = {"scan": ("cuda", "triton", "torch"), "adamw": ("fused", "foreach"), "fsdp": ("on", "off"),
-                "shard": ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"), "mode": ("default", "reduce-overhead")}
+                "shard": ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"), "mode": ("default", "reduce-overhead"),
+                "crops": ("float", "uint8", "device")}
 
 
 def parse_step_mode(mode):
     """``bf16+compile[scan=triton,adamw=foreach]`` -> ("bf16+compile", {"scan": "triton", "adamw": "foreach"}).
 
-    Options: a scan backend, the AdamW kernel, one-rank FSDP2, every sub-network's sharding strategy and the
-    blocks' torch.compile mode."""
+    Options: a scan backend, the AdamW kernel, one-rank FSDP2, every sub-network's sharding strategy, the
+    blocks' torch.compile mode and the crops the step receives (``crops=uint8``: normalised in the step, as from
+    the trainer's loader; ``crops=device``: also the photometric augmentation, ``augmentations.on_device``)."""
     m = re.fullmatch(r"([\w+-]+)(?:\[([\w=,-]+)\])?", mode)
     if m is None or m.group(1) not in PRECISIONS:
         raise ValueError(f"step mode {mode!r}: expected one of {list(PRECISIONS)}, optionally with [key=value,...]")
@@ -438,7 +459,8 @@ def bench_step(args, device, report, peak):
             torch._dynamo.reset()  # each row compiles afresh, as the trainer does in its own process
             with scan_backend(extra.get("scan")), _one_rank_fsdp(extra.get("fsdp")):
                 rows[f"{arch} | {mode}"] = _step_row(args, device, peak, arch, base_mode, extra.get("adamw", "auto"),
-                                                     extra.get("shard"), extra.get("mode"))
+                                                     extra.get("shard"), extra.get("mode"),
+                                                     extra.get("crops", "float"))
             print(f"  {arch} {mode}: {rows[f'{arch} | {mode}']}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -496,7 +518,8 @@ def _bench_loader(args, device, report, dataset_path):
     rows = {}
     for workers in [int(w) for w in args.workers.split(",")]:
         opts = [f"train.num_workers={workers}", f"train.dataset_path={dataset_path}",
-                f"train.batch_size_per_gpu={args.step_batch}"] + (_tiny_opts() if args.tiny else [])
+                f"train.batch_size_per_gpu={args.step_batch}"] + (_tiny_opts() if args.tiny else []) + \
+            [o for o in args.loader_options.split(",") if o]
         cfg = build_config(os.path.join(REPO, "configs", "train", "mv_hybrid.yaml"), opts)
         it = iter(build_data_loader(cfg, 0, device))
         n_warm, n = (2, 4) if args.tiny else (max(5, workers), 40)
@@ -508,8 +531,9 @@ def _bench_loader(args, device, report, dataset_path):
         rows[f"{workers} workers"] = cfg.train.batch_size_per_gpu * n / (time.perf_counter() - t0)
         del it
         print(f"  loader {workers} workers: {rows[f'{workers} workers']:.0f} images/s", flush=True)
-    lines = [f"Data loader alone, paper config ({args.loader_dataset}, 2 x 256 + 8 x 112 crops, batch {args.step_batch}), "
-             f"{os.cpu_count()} CPU cores", "", "| workers | images/s |", "|---|---|"]
+    lines = [f"Data loader alone, paper config ({args.loader_dataset}, 2 x 256 + 8 x 112 crops, batch {args.step_batch}"
+             f"{', ' + args.loader_options if args.loader_options else ''}), {os.cpu_count()} CPU cores", "",
+             "| workers | images/s |", "|---|---|"]
     lines += [f"| {k.split()[0]} | {v:.0f} |" for k, v in rows.items()]
     report.add("loader", rows, lines)
 
@@ -614,6 +638,9 @@ def main(argv=None):
     p.add_argument("--precisions", default=",".join(PRECISIONS), help=f"subset of {list(PRECISIONS)}")
     p.add_argument("--step-batch", type=int, default=64, help="batch per GPU for step and loader (paper: 64)")
     p.add_argument("--workers", default="8,15", help="loader worker counts")
+    p.add_argument("--loader-options", default="",
+                   help="comma-separated config overrides of the loader section, e.g. augmentations.on_device=true "
+                        "(workers only crop and flip)")
     p.add_argument("--loader-dataset", default="Synthetic:length=100000:image_size=256",
                    help="train.dataset_path of the loader section, e.g. Folder:root=/data/patches for real patches, "
                         "or PNG:count=N (N synthetic tiles saved as PNG files first)")

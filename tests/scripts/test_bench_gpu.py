@@ -51,3 +51,21 @@ def test_png_loader_dataset_is_a_temporary_folder_of_decodable_tiles():
     assert not os.path.exists(root)
     with bench_gpu._loader_dataset("Synthetic:length=8") as path:
         assert path == "Synthetic:length=8"
+
+
+
+def test_step_row_with_the_photometric_augmentation_on_the_device():
+    from dino.configs import build_config
+    from dino.data.photometric import N_PARAMS
+
+    cfg = build_config(os.path.join(REPO, "configs", "train", "vit_12.yaml"), bench_gpu._tiny_opts("vit_12"))
+    batch = bench_gpu._synthetic_batch(cfg, crops="device")
+    n_global = 2 * cfg.train.batch_size_per_gpu
+    assert batch["collated_global_crops"].dtype == torch.uint8
+    assert batch["collated_global_params"].shape == (n_global, N_PARAMS)
+    assert "collated_global_params" not in bench_gpu._synthetic_batch(cfg, crops="uint8")
+    args = argparse.Namespace(step_batch=4, tiny=True, warmup=1, steps=1, trace="")
+    with bench_gpu._one_rank_fsdp("off"):
+        row = bench_gpu._step_row(args, torch.device("cpu"), None, "vit_12", "fp32", crops="device")
+    assert row["finite"]
+    assert bench_gpu.parse_step_mode("bf16[crops=device]") == ("bf16", {"crops": "device"})
