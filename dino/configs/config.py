@@ -280,8 +280,6 @@ def validate_config(cfg: DictConfig) -> None:
     for k in ("global1_blur_p", "global2_blur_p", "local_blur_p"):
         if not 0 <= cfg.augmentations[k] <= 1:
             raise ConfigError(f"augmentations.{k}={cfg.augmentations[k]} is not a probability")
-    if not isinstance(cfg.augmentations.on_device, bool):
-        raise ConfigError(f"augmentations.on_device={cfg.augmentations.on_device!r} must be true or false")
 
 
 # (key, low, high, low inclusive, high inclusive); None: unbounded on that side.

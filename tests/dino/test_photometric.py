@@ -42,8 +42,7 @@ def test_device_crops_are_the_cpu_pipelines(recipe):
         assert d.abs().max() <= 1  # the blur's fp32 sums, added in another order
         differing, total = differing + int((d != 0).sum()), total + d.numel()
     assert differing <= 1e-3 * total
-    assert all(o["global_crops_teacher"] is o["global_crops"] or o["global_crops_teacher"] == o["global_crops"]
-               for o in dev)
+    assert all(t is s for o in dev for t, s in zip(o["global_crops_teacher"], o["global_crops"], strict=True))
 
 
 def params_for(n, **steps):
@@ -120,3 +119,12 @@ def test_trainer_on_device_gives_the_cpu_pipelines_losses(tmp_path):
                         f"augmentations.on_device={str(on_device).lower()}"])
         losses[on_device] = [json.loads(line)["total_loss"] for line in open(out / "training_metrics.json")]
     assert len(losses[True]) >= 2 and losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_on_device_must_be_a_boolean():
+    from dino.configs import build_config
+    from dino.configs.config import ConfigError
+
+    assert build_config("configs/demo/tiny.yaml", ["augmentations.on_device=true"]).augmentations.on_device is True
+    with pytest.raises(ConfigError, match="augmentations.on_device='sometimes' in command line: expected a boolean"):
+        build_config("configs/demo/tiny.yaml", ["augmentations.on_device=sometimes"])
