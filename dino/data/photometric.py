@@ -18,6 +18,7 @@ in another order (a pixel in about 10^4 differs by 1; tested).
 Why: on the CPU these steps are about two thirds of a worker's time per sample; on the GPU they are
 elementwise passes over the batch.
 """
+import functools
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -78,25 +79,10 @@ def _luma(x):
 
 def _blend(degenerate, x, alpha):
     """``Image.blend(degenerate, x, alpha)`` on uint8 images: fp32 interpolation, clipped, truncated."""
-    return (degenerate + alpha * (x - degenerate)).clamp_(0, 255).floor_()
+    return (degenerate + alpha * (x - degenerate)).clamp(0, 255).floor()
 
 
-def _brightness(x, f):
-    return _blend(torch.zeros_like(x), x, f)
-
-
-def _contrast(x, f):
-    luma = _luma(x).to(torch.float64)
-    mean = torch.floor(luma.mean(dim=(1, 2, 3), keepdim=True) + 0.5)  # int(ImageStat mean + 0.5)
-    return _blend(mean.to(x.dtype).expand_as(x), x, f)
-
-
-def _saturation(x, f):
-    return _blend(_luma(x).expand_as(x), x, f)
-
-
-def _hue(x, factor):
-    to_hsv, to_rgb = _device_tables(x.device)
+def _hue(x, factor, to_hsv, to_rgb):
     v = x.to(torch.int32)
     hsv = to_hsv[((v[:, 0] << 16) | (v[:, 1] << 8) | v[:, 2]).long()]
     # torchvision's shift: int32(factor * 255), wrapped to uint8, added to H (the top byte) mod 256
@@ -129,36 +115,53 @@ def _blur(x, sigma):
     rows = sum(padded[..., k:k + wd] * w[:, k].view(n, 1, 1, 1) for k in range(BLUR_KERNEL))
     padded = F.pad(rows, (0, 0, r, r), mode="reflect")
     cols = sum(padded[..., k:k + h, :] * w[:, k].view(n, 1, 1, 1) for k in range(BLUR_KERNEL))
-    return cols.round_().clamp_(0, 255)
+    return cols.round().clamp(0, 255)
 
 
-_JITTER_OPS = (_brightness, _contrast, _saturation, _hue)
+_NEUTRAL = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation, hue factors that change nothing
 
 
-def apply_photometric(crops: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+def apply_photometric(crops: torch.Tensor, params: torch.Tensor, compile: bool = False) -> torch.Tensor:
     """uint8 crops (n, 3, H, W) and their :class:`PhotometricDraw` vectors (n, :data:`N_PARAMS`) -> the
-    augmented uint8 crops. No host syncs: every choice is a per-crop select."""
+    augmented uint8 crops. No host syncs: every choice is a per-crop select. ``compile``: through
+    ``torch.compile`` (one graph per crop size; the fused kernels may contract a blend's multiply-add, so a
+    rare channel can differ by 1)."""
     if crops.dtype != torch.uint8 or crops.dim() != 4 or crops.shape[1] != 3:
         raise ValueError(f"apply_photometric expects uint8 (n, 3, H, W) crops, got {tuple(crops.shape)} {crops.dtype}")
     if params.shape != (crops.shape[0], N_PARAMS):
         raise ValueError(f"apply_photometric: params of shape {tuple(params.shape)}, expected "
                          f"({crops.shape[0]}, {N_PARAMS})")
-    params = params.to(device=crops.device, dtype=torch.float32)
+    fn = _compiled() if compile else _apply
+    return fn(crops, params.to(device=crops.device, dtype=torch.float32), *_device_tables(crops.device))
 
+
+@functools.lru_cache(maxsize=1)
+def _compiled():
+    return torch.compile(_apply, dynamic=False)
+
+
+def _apply(crops, params, to_hsv, to_rgb):
     def on(col):
         return params[:, col].view(-1, 1, 1, 1) > 0.5
 
     x = crops.to(torch.float32)
-    jitter = on(JITTER)
+    jitter = params[:, JITTER] > 0.5
     order = params[:, ORDER].round().to(torch.int64)
     factors = params[:, FACTORS]
     drawn = ~torch.isnan(factors)
-    factors = torch.where(drawn, factors, torch.tensor([1.0, 1.0, 1.0, 0.0], device=factors.device))
-    for position in range(4):  # the drawn order of brightness, contrast, saturation, hue, per crop
-        for op_id, op in enumerate(_JITTER_OPS):
-            chosen = (jitter & ((order[:, position] == op_id) & drawn[:, op_id]).view(-1, 1, 1, 1))
-            f = factors[:, op_id]
-            x = torch.where(chosen, op(x, f if op_id == 3 else f.view(-1, 1, 1, 1)), x)
+    factors = torch.where(drawn, factors, torch.tensor(_NEUTRAL, device=factors.device))
+    for position in range(4):  # each crop's drawn order of brightness (0), contrast (1), saturation (2), hue (3)
+        op = order[:, position]
+        chosen = (jitter & drawn.gather(1, op.view(-1, 1)).view(-1)).view(-1, 1, 1, 1)
+        op = op.view(-1, 1, 1, 1)
+        # Brightness, contrast and saturation are all ImageEnhance blends, against black, the mean luma
+        # (rounded, as int(ImageStat mean + 0.5)) and the luma: one blend with a per-crop degenerate image.
+        luma = _luma(x)
+        mean = torch.floor(luma.to(torch.float64).mean(dim=(1, 2, 3), keepdim=True) + 0.5).to(x.dtype)
+        degenerate = torch.where(op == 0, 0.0, torch.where(op == 1, mean, luma))
+        alpha = factors.gather(1, op.view(-1, 1).clamp(max=2)).view(-1, 1, 1, 1)
+        stepped = torch.where(op == 3, _hue(x, factors[:, 3], to_hsv, to_rgb), _blend(degenerate, x, alpha))
+        x = torch.where(chosen, stepped, x)
     x = torch.where(on(GRAY), _luma(x).expand_as(x), x)
     x = torch.where(on(BLUR), _blur(x, params[:, SIGMA]), x)
     x = torch.where(on(SOLARIZE) & (x >= SOLARIZE_THRESHOLD), 255 - x, x)

@@ -228,7 +228,8 @@ class SSLMetaArch(nn.Module):
     def _crops(self, crops, photometric=None):
         crops = self._to_device(crops)
         if photometric is not None and crops.device.type != "meta":  # augmentations.on_device; no FLOPs to count
-            crops = apply_photometric(crops, self._to_device(photometric))
+            crops = apply_photometric(crops, self._to_device(photometric),
+                                      compile=bool(self.cfg.compute_precision.compile))
         if crops.dtype == torch.uint8:
             crops = normalize_uint8(crops, *self._crop_statistics(crops.device))
         return crops

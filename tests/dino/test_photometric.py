@@ -100,6 +100,18 @@ def test_jitter_runs_in_each_crops_drawn_order():
     assert not torch.equal(out[0], out[1])  # the order matters, so this test can fail
 
 
+def test_compiled_steps_give_the_same_crops():
+    """compute_precision.compile also compiles the photometric steps (on CPU here, inductor's C++ backend)."""
+    torch.manual_seed(0)
+    aug = DataAugmentationDINO(**KWARGS, solarization=True, color_jitter=(0.4, 0.4, 0.2, 0.1),
+                               photometric_on_device=True)
+    out = [aug(make_dataset("Synthetic:length=3:image_size=48")[i][0]) for i in range(3)]
+    crops = torch.stack([c for o in out for c in o["local_crops"]])
+    params = torch.stack([p for o in out for p in o["local_crops_params"]])
+    d = apply_photometric(crops, params, compile=True).int() - apply_photometric(crops, params).int()
+    assert d.abs().max() <= 1 and (d != 0).float().mean() < 1e-3
+
+
 def test_bad_inputs_name_the_problem():
     crops = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
     with pytest.raises(ValueError, match="uint8"):
