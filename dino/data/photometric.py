@@ -13,7 +13,7 @@ truncated to uint8 (``ImageEnhance``), ITU-R 601 luma in PIL's integer arithmeti
 the rounded mean luma, the hue step through the same PIL-made tables as
 :mod:`dino.data.color_jitter`, the separable blur with the same fp32 weights and rounding, and
 solarisation at 128. So the crops are the CPU pipeline's, except that the blur's fp32 sums are added
-in another order (a pixel in about 10^4 differs by 1; tested).
+in another order (a channel in a few pixels per million differs by 1; tested).
 
 Why: on the CPU these steps are about two thirds of a worker's time per sample; on the GPU they are
 elementwise passes over the batch.
@@ -46,7 +46,7 @@ class PhotometricDraw:
         self.jitter_p, self.grayscale_p, self.blur_p, self.sigma, self.solarize_p = (
             jitter_p, grayscale_p, blur_p, tuple(sigma), solarize_p)
         if hue:
-            hue_tables()  # built here, before the workers fork, as ColorJitter does
+            hue_tables()  # built in the main process, which applies the hue step on the device
 
     def __call__(self) -> torch.Tensor:
         p = torch.zeros(N_PARAMS)
