@@ -69,6 +69,10 @@ class SmoothedValue:
         return f"{self.median:.4g} ({self.global_avg:.4g})"
 
 
+WAITING_FRACTION = 0.2  # warn once when waiting for data takes more of an iteration than this
+WAITING_MIN_ITERATIONS = 10
+
+
 class MetricsWriter:
     """JSON lines + tensorboardX + a progress line, written by the main process only."""
 
@@ -81,6 +85,7 @@ class MetricsWriter:
         self._last_time: Optional[float] = None
         self._iter_time = SmoothedValue(window_size)
         self._data_time = SmoothedValue(window_size)
+        self._warned_waiting = False
         if enabled:
             os.makedirs(output_dir, exist_ok=True)
             if tensorboard:
@@ -165,6 +170,17 @@ class MetricsWriter:
         if "mfu" in values:
             shown += f"  mfu {100 * values['mfu']:.1f}%"
         logger.info("Training [%d/%d]  %s%s", iteration, max_iter, eta, shown)
+        self._warn_if_waiting()
+
+    def _warn_if_waiting(self) -> None:
+        if self._warned_waiting or self._data_time.count < WAITING_MIN_ITERATIONS or not self._iter_time.count:
+            return
+        data, it = self._data_time.median, self._iter_time.median
+        if data > WAITING_FRACTION * it:
+            self._warned_waiting = True
+            logger.warning("the step waits for the data loader %.0f%% of each iteration (data %.3fs of %.3fs): "
+                           "raise train.num_workers, give the job more CPUs, or set augmentations.on_device=true",
+                           100 * data / it, data, it)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -118,11 +118,39 @@ def test_training_metrics_carry_the_time_spent_waiting_for_data(tmp_path, monkey
                 yield batch
 
     monkeypatch.setattr(train_mod, "build_data_loader", lambda *a: SlowLoader(build_loader(*a)))
-    train_mod.main(["--config-file", "configs/demo/tiny.yaml", "--output-dir", str(tmp_path)])
+    train_mod.main(["--config-file", "configs/demo/tiny.yaml", "--output-dir", str(tmp_path),
+                    "train.OFFICIAL_EPOCH_LENGTH=6"])  # 12 iterations: enough for the waiting warning
     rows = [json.loads(line) for line in open(tmp_path / "training_metrics.json")]
     timed = [r for r in rows if "iter_time" in r]
     assert timed and all(delay <= r["data_time"] <= r["iter_time"] for r in timed)
-    assert " data 0.0" in (tmp_path / "log.txt").read_text()
+    log = (tmp_path / "log.txt").read_text()
+    assert " data 0.0" in log and log.count("the step waits for the data loader") == 1
+
+
+def test_waiting_for_data_is_warned_once_and_only_past_the_threshold(tmp_path, monkeypatch):
+    import logging
+
+    from dino.utils import logging as dlog
+
+    clock = [0.0]
+    monkeypatch.setattr(dlog.time, "perf_counter", lambda: clock[0])
+    warnings_seen = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings_seen.append(record.getMessage())
+    logging.getLogger("dino").addHandler(handler)
+    try:
+        for data_s, warned in ((0.01, False), (0.05, True)):  # of 0.1 s iterations: 10% (fine), 50% (waits)
+            warnings_seen.clear()
+            writer = dlog.MetricsWriter(str(tmp_path / str(data_s)), tensorboard=False)
+            for it in range(2 * dlog.WAITING_MIN_ITERATIONS):
+                writer.waited_for_data(data_s)
+                clock[0] += 0.1
+                writer.tick()
+                writer.write(it, 100, {"total_loss": 1.0})
+            assert sum("the step waits for the data loader 50%" in m for m in warnings_seen) == int(warned), data_s
+            assert len(warnings_seen) == int(warned)
+    finally:
+        logging.getLogger("dino").removeHandler(handler)
 
 
 def test_step_flops_are_counted_on_a_meta_copy_without_touching_the_run():
