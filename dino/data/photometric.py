@@ -118,9 +118,6 @@ def _blur(x, sigma):
     return cols.round().clamp(0, 255)
 
 
-_NEUTRAL = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation, hue factors that change nothing
-
-
 def apply_photometric(crops: torch.Tensor, params: torch.Tensor, compile: bool = False) -> torch.Tensor:
     """uint8 crops (n, 3, H, W) and their :class:`PhotometricDraw` vectors (n, :data:`N_PARAMS`) -> the
     augmented uint8 crops. No host syncs: every choice is a per-crop select. ``compile``: through
@@ -149,7 +146,9 @@ def _apply(crops, params, to_hsv, to_rgb):
     order = params[:, ORDER].round().to(torch.int64)
     factors = params[:, FACTORS]
     drawn = ~torch.isnan(factors)
-    factors = torch.where(drawn, factors, torch.tensor(_NEUTRAL, device=factors.device))
+    # [1, 1, 1, 0] made on the device: a host tensor here would be a blocking copy behind the GPU queue
+    neutral = (torch.arange(4, device=factors.device) < 3).to(factors.dtype)
+    factors = torch.where(drawn, factors, neutral)
     for position in range(4):  # each crop's drawn order of brightness (0), contrast (1), saturation (2), hue (3)
         op = order[:, position]
         chosen = (jitter & drawn.gather(1, op.view(-1, 1)).view(-1)).view(-1, 1, 1, 1)

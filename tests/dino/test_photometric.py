@@ -112,6 +112,20 @@ def test_compiled_steps_give_the_same_crops():
     assert d.abs().max() <= 1 and (d != 0).float().mean() < 1e-3
 
 
+def test_no_tensor_is_made_from_host_data_inside(monkeypatch):
+    """On a GPU a tensor built from Python values is a blocking copy that waits for the whole queue."""
+    crops = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8)
+    params = params_for(4, brightness=1.2, contrast=0.8, saturation=1.1, hue=0.05, gray=1, sigma=1.0, solarize=1)
+    apply_photometric(crops, params)  # the hue tables exist before the patch
+
+    def refuse(*a, **k):
+        raise AssertionError("a tensor from host data inside apply_photometric")
+
+    monkeypatch.setattr(torch, "tensor", refuse)
+    monkeypatch.setattr(torch, "as_tensor", refuse)
+    apply_photometric(crops, params)
+
+
 def test_bad_inputs_name_the_problem():
     crops = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
     with pytest.raises(ValueError, match="uint8"):
