@@ -251,14 +251,11 @@ def _synthetic_batch(cfg, seed=0, crops="float"):
     the config: the step also runs colour jitter, grayscale, blur and solarisation, augmentations.on_device)."""
     from dino.data.collate import collate_data_and_cast
     from dino.data.masking import MaskingGenerator
-    from dino.data.photometric import PhotometricDraw
+    from dino.train.train import build_augmentation
 
     g = torch.Generator().manual_seed(seed)
     G, Lc, nl = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
-    aug = cfg.augmentations
-    draws = [PhotometricDraw(aug.color_jitter, blur_p=aug.global1_blur_p),
-             PhotometricDraw(aug.color_jitter, blur_p=aug.global2_blur_p, solarize_p=0.2 if aug.solarization else None),
-             PhotometricDraw(aug.color_jitter, blur_p=aug.local_blur_p)]
+    aug = build_augmentation(cfg, on_device=True) if crops == "device" else None  # for its parameter draws
 
     def crop(size):
         if crops == "float":
@@ -268,8 +265,8 @@ def _synthetic_batch(cfg, seed=0, crops="float"):
     def sample():
         s = {"global_crops": [crop(G) for _ in range(2)], "local_crops": [crop(Lc) for _ in range(max(nl, 1))]}
         if crops == "device":
-            s["global_crops_params"] = [draws[0](), draws[1]()]
-            s["local_crops_params"] = [draws[2]() for _ in range(max(nl, 1))]
+            s["global_crops_params"] = [aug.draw_global1(), aug.draw_global2()]
+            s["local_crops_params"] = [aug.draw_local() for _ in range(max(nl, 1))]
         return s, ()
 
     samples = [sample() for _ in range(cfg.train.batch_size_per_gpu)]

@@ -13,11 +13,12 @@ from scipy import ndimage
 from torchvision import transforms
 
 from dino.data.color_jitter import ColorJitter
-from dino.data.photometric import PhotometricDraw
+from dino.data.photometric import SOLARIZE_THRESHOLD, PhotometricDraw
 from mambavision import HE_MEAN, HE_STD  # noqa: F401  (re-exported by dino.data: the H&E statistics)
 
 logger = logging.getLogger("dino")  # the logger setup_logging configures
 
+SOLARIZE_P = 0.2  # DINOv2: the second global crop only
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
@@ -157,7 +158,7 @@ class DataAugmentationDINO:
         )
         global2_extra = [GaussianBlur(p=global2_blur_p)]
         if solarization:
-            global2_extra.append(transforms.RandomSolarize(threshold=128, p=0.2))
+            global2_extra.append(transforms.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=SOLARIZE_P))
         if normalize:
             self.normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean=mean, std=std)])
         else:
@@ -170,7 +171,8 @@ class DataAugmentationDINO:
         if photometric_on_device:  # the same draws, applied later on the device (dino.data.photometric)
             draw = dict(color_jitter=color_jitter)
             self.draw_global1 = PhotometricDraw(blur_p=global1_blur_p, **draw)
-            self.draw_global2 = PhotometricDraw(blur_p=global2_blur_p, solarize_p=0.2 if solarization else None, **draw)
+            self.draw_global2 = PhotometricDraw(blur_p=global2_blur_p, solarize_p=SOLARIZE_P if solarization else None,
+                                              **draw)
             self.draw_local = PhotometricDraw(blur_p=local_blur_p, **draw)
 
     def __call__(self, image):

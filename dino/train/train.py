@@ -134,13 +134,13 @@ def optimizer_step(cfg, model, optimizer, scaler) -> None:
 
 
 # -- data --------------------------------------------------------------------------------------
-def build_data_loader(cfg, start_iter: int, device: torch.device):
+def build_augmentation(cfg, on_device=None):
+    """The config's ``DataAugmentationDINO``, shipping uint8 crops; ``on_device`` overrides
+    ``augmentations.on_device``."""
     from dino.data.augmentations import DataAugmentationDINO
-    from dino.data.collate import collate_data_and_cast
-    from dino.data.masking import MaskingGenerator
 
     aug = cfg.augmentations
-    transform = DataAugmentationDINO(
+    return DataAugmentationDINO(
         tuple(cfg.crops.global_crops_scale),
         tuple(cfg.crops.local_crops_scale),
         cfg.crops.local_crops_number,
@@ -154,8 +154,15 @@ def build_data_loader(cfg, start_iter: int, device: torch.device):
         global2_blur_p=aug.global2_blur_p,
         local_blur_p=aug.local_blur_p,
         normalize=False,  # uint8 crops; SSLMetaArch normalises them on the device (a quarter of the bytes)
-        photometric_on_device=bool(aug.on_device),
+        photometric_on_device=bool(aug.on_device if on_device is None else on_device),
     )
+
+
+def build_data_loader(cfg, start_iter: int, device: torch.device):
+    from dino.data.collate import collate_data_and_cast
+    from dino.data.masking import MaskingGenerator
+
+    transform = build_augmentation(cfg)
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
     mask_generator = MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid)
     collate_fn = partial(
