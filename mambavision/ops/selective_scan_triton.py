@@ -8,24 +8,27 @@ It computes the whole of mamba-ssm's ``selective_scan_fn`` in one pass, as mamba
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t,      y_t = <C_t, h_t> + D * u_t,
     out = y * silu(z)
 
-and returns ``(out, h_L)``. One program owns one batch element and ``BD`` channels, and walks the
-sequence in chunks of ``T`` steps; a last, partial chunk gets a tile of its own, smaller size (at
-L = 257 and T = 32 a full tile would spend a ninth of the work on one step). Within a chunk the
-recurrence is parallel in time: for each state index the pairs ``(exp(delta A), delta B u)`` are
-combined with ``tl.associative_scan`` (the affine maps compose), and the state entering the chunk is
-added through the cumulative decay. So the
-per-step latency of a sequential loop is gone, and every load is a coalesced [BD, T] tile.
+and returns ``(out, h_L)``. One program owns one batch element and ``BD`` channels, and holds the
+(channels x states) state tile in registers, one or a few entries per thread. It walks the sequence one
+step at a time: the recurrence is sequential in each thread, as in mamba-ssm, where a thread scans its
+own run of steps. There is no scan across lanes (Triton spreads a parallel scan's time axis over lanes,
+so each level of ``tl.associative_scan`` is a round of shuffles, which bound the earlier kernel of this
+file); the only cross-lane work per step is the sum over states for ``y``. The batch and channel axes
+give enough independent lanes (64 x 384 at MV_Hybrid's 256 px) to hide each step's latency. The
+per-step loads are single elements of the (b, d, l) rows; consecutive steps hit the same cache lines.
 
-Forward stores the state at every chunk start (B*D*N*L/T floats). Backward walks the chunks from the
-end: it recomputes the chunk's states from that start state, runs the adjoint recurrence
+Forward stores the state entering every chunk of ``K`` steps (B*D*N*L/K floats). Backward walks the
+chunks from the end: it recomputes the chunk's states from that start state into a per-program scratch
+tile (K x BD x BN floats, small enough to stay in L2), then walks the chunk backwards, running the
+adjoint recurrence
 
     g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}
 
-as a reverse scan, and forms every gradient from ``h`` and ``g`` in registers. The decay's gradient
-uses ``exp(delta_t A) h_{t-1} = h_t - delta_t B_t u_t``, so no shifted state is needed. The gradients
-of B and C are sums over the channels of a group: each program writes its partial sum and PyTorch adds
-them (deterministic). Those of A, D and delta_bias are sums over the batch, accumulated with fp32
-atomics once per program, so they are not bit-reproducible from run to run.
+and forming every gradient from ``h_t`` and ``g_t``. The decay's gradient uses
+``exp(delta_t A) h_{t-1} = h_t - delta_t B_t u_t``, so no shifted state is needed. The gradients of B
+and C are sums over the channels of a group: each program writes its partial sum and PyTorch adds them
+(deterministic). Those of A, D and delta_bias are sums over the batch, accumulated with fp32 atomics once
+per program, so they are not bit-reproducible from run to run.
 
 Needs ``triton``. With ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run on
 CPU tensors through Triton's interpreter, which is how the CPU test suite checks them.
@@ -38,23 +41,14 @@ import triton.language as tl
 
 from .selective_scan import _triton_interpreted
 
-# Launch configuration (channels per program, chunk length, warps), from the sweeps in docs/performance.md
-# (H200, bf16, fwd + bwd): with the tail chunk in its own tile, 4 x 8 x 2 is fastest at L = 257 (MV_Hybrid
-# and Vim at 256 px) and at L = 50 (112 px), 5-13% ahead of 2 x 16 x 2, so one rule serves every length. The
-# chunk length is a power of two (the scan's width); the channels per program at most BD, and they must
-# divide a B/C group's channels. LAUNCH, when set, replaces the rule
-# (benchmarks/bench_gpu.py sweeps it).
+# Launch configuration (channels per program, steps per checkpointed chunk, warps), from the sweep in
+# docs/performance.md. The channels per program are a power of two; they shrink to divide a B/C group's
+# channels. LAUNCH, when set, replaces the rule (benchmarks/bench_gpu.py sweeps it).
 LAUNCH = None
 
 
 def _config():
-    return LAUNCH or (4, 8, 2)
-
-
-@triton.jit
-def _affine(a1, b1, a2, b2):
-    # Composition of h -> a1 h + b1, then h -> a2 h + b2.
-    return a1 * a2, b1 * a2 + b2
+    return LAUNCH or (8, 16, 1)
 
 
 @triton.jit
@@ -75,51 +69,18 @@ def _per_channel(ptr, offs_d, mask_d, PRESENT: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _delta(dt_ptr, bias, ptr, m2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    raw = tl.load(dt_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+def _delta(dt_ptr, bias, ptr, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    # delta at one step, and the pre-activation (for softplus' derivative)
+    raw = tl.load(dt_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        raw = raw + bias[:, None]
+        raw = raw + bias
     dt = raw
     if SOFTPLUS:
         dt = _softplus(raw)
-    return tl.where(m2, dt, 0.0), raw
+    return dt, raw
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
-
-
-@triton.jit
-def _last(x, offs_t, j):
-    # x[..., j] of a (BD, BN, T) register tile, j a compile-time or runtime index.
-    return tl.sum(tl.where(offs_t[None, None, :] == j, x, 0.0), axis=2)
-
-
-@triton.jit
-def _fwd_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, out_ptr, ckpt_ptr, carry, t0, L, row, bc_row, state, offs_n,
-               mask_d, mask_n, mask_dn, Dv, bias, A2,
-               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, TT: tl.constexpr):
-    # One chunk of TT steps from t0; returns the state leaving it.
-    offs_t = tl.arange(0, TT)
-    t = t0 + offs_t
-    mask_t = t < L
-    m2 = mask_d[:, None] & mask_t[None, :]
-    ptr = row + t[None, :]
-    tl.store(ckpt_ptr + state, carry, mask=mask_dn)
-    u = tl.load(u_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
-    dt, _ = _delta(dt_ptr, bias, ptr, m2, HAS_BIAS, SOFTPLUS)  # 0 past L: decay 1, input 0
-    bc = bc_row + offs_n[:, None] * L + t[None, :]
-    m_nt = mask_n[:, None] & mask_t[None, :]
-    Bt = tl.load(B_ptr + bc, mask=m_nt, other=0.0).to(tl.float32)
-    Ct = tl.load(C_ptr + bc, mask=m_nt, other=0.0).to(tl.float32)
-    decay, h = tl.associative_scan(
-        (tl.exp2(dt[:, None, :] * A2[:, :, None]), (dt * u)[:, None, :] * Bt[None, :, :]), 2, _affine)
-    h += decay * carry[:, :, None]
-    y = tl.sum(h * Ct[None, :, :], axis=1) + Dv[:, None] * u
-    if HAS_Z:
-        z = tl.load(z_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
-        y = y * z * tl.sigmoid(z)
-    tl.store(out_ptr + ptr, y.to(out_ptr.dtype.element_ty), mask=m2)
-    return _last(h, offs_t, TT - 1)  # steps past L keep the state: the last slot holds h at the chunk's end
 
 
 @triton.jit
@@ -127,7 +88,7 @@ def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, ckpt_ptr,
     L, D, N, chans_per_group, n_chunks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    T: tl.constexpr, TAIL: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    K: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)  # batch offsets can pass 2**31 elements
     pid_d = tl.program_id(1)
@@ -136,90 +97,37 @@ def _scan_fwd_kernel(
     mask_d = offs_d < D
     mask_n = offs_n < N
     mask_dn = mask_d[:, None] & mask_n[None, :]
-    row = pid_b * D * L + offs_d[:, None] * L  # u, delta, z, out: contiguous (b, d, l)
-    bc_row = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L  # B, C: (b, g, n, l)
+    row = pid_b * D * L + offs_d * L  # u, delta, z, out: contiguous (b, d, l)
+    bc = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L + offs_n * L  # B, C: (b, g, n, l)
     state = offs_d[:, None] * N + offs_n[None, :]
     Dv = _per_channel(D_ptr, offs_d, mask_d, HAS_D, BD)
     bias = _per_channel(bias_ptr, offs_d, mask_d, HAS_BIAS, BD)
     A2 = tl.load(A_ptr + state, mask=mask_dn, other=0.0).to(tl.float32) * LOG2E  # exp(x A) = exp2(x A log2 e)
 
-    carry = tl.zeros([BD, BN], dtype=tl.float32)  # the state entering the chunk
-    n_full = L // T
-    for c in range(0, n_full):
-        carry = _fwd_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, out_ptr, ckpt_ptr + (pid_b * n_chunks + c) * D * N,
-                           carry, c * T, L, row, bc_row, state, offs_n, mask_d, mask_n, mask_dn, Dv, bias, A2,
-                           HAS_Z, HAS_BIAS, SOFTPLUS, T)
-    if TAIL > 0:  # the last L % T steps in a tile of their own size (at L = 257, T = 32: 2 slots, not 32)
-        carry = _fwd_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, out_ptr,
-                           ckpt_ptr + (pid_b * n_chunks + n_full) * D * N, carry, n_full * T, L, row, bc_row, state,
-                           offs_n, mask_d, mask_n, mask_dn, Dv, bias, A2, HAS_Z, HAS_BIAS, SOFTPLUS, TAIL)
-    tl.store(last_ptr + pid_b * D * N + state, carry, mask=mask_dn)
-
-
-@triton.jit
-def _bwd_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, dout_ptr, ckpt_ptr, du_ptr, ddt_ptr, dB_ptr, dC_ptr, dz_ptr,
-               g_carry, dA, dD, dbias, t0, L, row, bc_row, part_row, state, offs_n, mask_d, mask_n, mask_dn,
-               Dv, bias, A, A2,
-               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-               TT: tl.constexpr):
-    # One chunk of TT steps from t0, walked backwards; returns dL/dh entering it and the running sums.
-    offs_t = tl.arange(0, TT)
-    t = t0 + offs_t
-    mask_t = t < L
-    m2 = mask_d[:, None] & mask_t[None, :]
-    ptr = row + t[None, :]
-    u = tl.load(u_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
-    dt, raw = _delta(dt_ptr, bias, ptr, m2, HAS_BIAS, SOFTPLUS)
-    m2_next = mask_d[:, None] & (t + 1 < L)[None, :]
-    dt_next, _ = _delta(dt_ptr, bias, ptr + 1, m2_next, HAS_BIAS, SOFTPLUS)  # 0 at L-1: the adjoint's decay is 1
-    dout = tl.load(dout_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
-    dy = dout
-    if HAS_Z:
-        z = tl.load(z_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
-        sz = tl.sigmoid(z)
-        dy = dout * z * sz
-    h_start = tl.load(ckpt_ptr + state, mask=mask_dn, other=0.0)
-    bc = bc_row + offs_n[:, None] * L + t[None, :]
-    m_nt = mask_n[:, None] & mask_t[None, :]
-    Bt = tl.load(B_ptr + bc, mask=m_nt, other=0.0).to(tl.float32)
-    Ct = tl.load(C_ptr + bc, mask=m_nt, other=0.0).to(tl.float32)
-    w = dt * u
-    inp = w[:, None, :] * Bt[None, :, :]
-    decay, h = tl.associative_scan((tl.exp2(dt[:, None, :] * A2[:, :, None]), inp), 2, _affine)
-    h += decay * h_start[:, :, None]
-    pdecay, g = tl.associative_scan(
-        (tl.exp2(dt_next[:, None, :] * A2[:, :, None]), dy[:, None, :] * Ct[None, :, :]), 2, _affine, reverse=True)
-    g += pdecay * g_carry[:, :, None]
-    tl.store(dC_ptr + part_row + bc - bc_row, tl.sum(h * dy[:, None, :], axis=0), mask=m_nt)
-    tl.store(dB_ptr + part_row + bc - bc_row, tl.sum(g * w[:, None, :], axis=0), mask=m_nt)
-    dw = tl.sum(g * Bt[None, :, :], axis=1)
-    dlog = g * (h - inp)  # g_t * exp(delta_t A) h_{t-1}
-    ddt = tl.sum(dlog * A[:, :, None], axis=1) + dw * u
-    dA += tl.sum(dlog * dt[:, None, :], axis=2)
-    y = tl.sum(h * Ct[None, :, :], axis=1) + Dv[:, None] * u
-    du = dw * dt + Dv[:, None] * dy
-    if HAS_D:
-        dD += tl.sum(dy * u, axis=1)
-    if SOFTPLUS:
-        ddt = ddt * tl.sigmoid(raw)
-    ddt = tl.where(m2, ddt, 0.0)
-    if HAS_BIAS:
-        dbias += tl.sum(ddt, axis=1)
-    tl.store(du_ptr + ptr, du.to(du_ptr.dtype.element_ty), mask=m2)
-    tl.store(ddt_ptr + ptr, ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
-    if HAS_Z:
-        dz = dout * y * sz * (1.0 + z * (1.0 - sz))
-        tl.store(dz_ptr + ptr, dz.to(dz_ptr.dtype.element_ty), mask=m2)
-    return _last(g, offs_t, 0), dA, dD, dbias
+    h = tl.zeros([BD, BN], dtype=tl.float32)  # masked lanes stay 0: their A, u and B load as 0
+    for c in range(0, n_chunks):
+        tl.store(ckpt_ptr + (pid_b * n_chunks + c) * D * N + state, h, mask=mask_dn)  # the backward restarts here
+        for t in range(c * K, tl.minimum(c * K + K, L)):
+            u = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
+            dt, _ = _delta(dt_ptr, bias, row + t, mask_d, HAS_BIAS, SOFTPLUS)
+            Bt = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
+            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+            y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
+            if HAS_Z:
+                z = tl.load(z_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
+                y = y * z * tl.sigmoid(z)
+            tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(last_ptr + pid_b * D * N + state, h, mask=mask_dn)
 
 
 @triton.jit
 def _scan_bwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, dlast_ptr, ckpt_ptr,
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, dlast_ptr, ckpt_ptr, scratch_ptr,
     du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
     L, D, N, chans_per_group, n_chunks, n_dblocks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    T: tl.constexpr, TAIL: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    K: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -228,31 +136,72 @@ def _scan_bwd_kernel(
     mask_d = offs_d < D
     mask_n = offs_n < N
     mask_dn = mask_d[:, None] & mask_n[None, :]
-    row = pid_b * D * L + offs_d[:, None] * L
-    bc_row = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L
+    row = pid_b * D * L + offs_d * L
+    bc = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L + offs_n * L
+    part = (pid_b * n_dblocks + pid_d) * N * L + offs_n * L  # this program's partial sums of dB, dC: (b, d-blocks, n, l)
     state = offs_d[:, None] * N + offs_n[None, :]
-    part_row = (pid_b * n_dblocks + pid_d) * N * L  # this program's partial sums of dB, dC: (b, d-blocks, n, l)
+    # this program's scratch: the chunk's states, (K, BD, BN) fp32
+    tile = (pid_b * n_dblocks + pid_d) * K * BD * BN + tl.arange(0, BD)[:, None] * BN + offs_n[None, :]
     Dv = _per_channel(D_ptr, offs_d, mask_d, HAS_D, BD)
     bias = _per_channel(bias_ptr, offs_d, mask_d, HAS_BIAS, BD)
     A = tl.load(A_ptr + state, mask=mask_dn, other=0.0).to(tl.float32)
     A2 = A * LOG2E
 
-    g_carry = tl.load(dlast_ptr + pid_b * D * N + state, mask=mask_dn, other=0.0).to(tl.float32)  # dL/dh after the chunk
+    g = tl.load(dlast_ptr + pid_b * D * N + state, mask=mask_dn, other=0.0).to(tl.float32)  # dL/dh after step t
+    decay_next = tl.full([BD, BN], 1.0, dtype=tl.float32)  # exp(delta_{t+1} A); past the end, dlast enters as is
     dA = tl.zeros([BD, BN], dtype=tl.float32)
     dD = tl.zeros([BD], dtype=tl.float32)
     dbias = tl.zeros([BD], dtype=tl.float32)
-    n_full = L // T
-    if TAIL > 0:  # the last chunk comes first going backwards
-        g_carry, dA, dD, dbias = _bwd_chunk(
-            u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, dout_ptr, ckpt_ptr + (pid_b * n_chunks + n_full) * D * N,
-            du_ptr, ddt_ptr, dB_ptr, dC_ptr, dz_ptr, g_carry, dA, dD, dbias, n_full * T, L, row, bc_row, part_row,
-            state, offs_n, mask_d, mask_n, mask_dn, Dv, bias, A, A2, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, TAIL)
-    for cc in range(0, n_full):
-        c = n_full - 1 - cc
-        g_carry, dA, dD, dbias = _bwd_chunk(
-            u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, dout_ptr, ckpt_ptr + (pid_b * n_chunks + c) * D * N,
-            du_ptr, ddt_ptr, dB_ptr, dC_ptr, dz_ptr, g_carry, dA, dD, dbias, c * T, L, row, bc_row, part_row,
-            state, offs_n, mask_d, mask_n, mask_dn, Dv, bias, A, A2, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, T)
+    for cc in range(0, n_chunks):
+        c = n_chunks - 1 - cc
+        t0 = c * K
+        t1 = tl.minimum(t0 + K, L)
+        h = tl.load(ckpt_ptr + (pid_b * n_chunks + c) * D * N + state, mask=mask_dn, other=0.0)
+        for t in range(t0, t1):  # recompute the chunk's states
+            u = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
+            dt, _ = _delta(dt_ptr, bias, row + t, mask_d, HAS_BIAS, SOFTPLUS)
+            Bt = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
+            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+            tl.store(scratch_ptr + tile + (t - t0) * BD * BN, h)
+        tl.debug_barrier()  # the reads below may fall to other threads than the writes
+        for s in range(0, t1 - t0):  # then walk it backwards
+            t = t1 - 1 - s
+            h = tl.load(scratch_ptr + tile + (t - t0) * BD * BN)
+            u = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
+            dt, raw = _delta(dt_ptr, bias, row + t, mask_d, HAS_BIAS, SOFTPLUS)
+            Bt = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
+            dout = tl.load(dout_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
+            dy = dout
+            if HAS_Z:
+                z = tl.load(z_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
+                sz = tl.sigmoid(z)
+                dy = dout * z * sz
+            g = decay_next * g + dy[:, None] * Ct[None, :]
+            w = dt * u
+            inp = w[:, None] * Bt[None, :]
+            tl.store(dC_ptr + part + t, tl.sum(h * dy[:, None], axis=0), mask=mask_n)
+            tl.store(dB_ptr + part + t, tl.sum(g * w[:, None], axis=0), mask=mask_n)
+            dw = tl.sum(g * Bt[None, :], axis=1)
+            dlog = g * (h - inp)  # g_t * exp(delta_t A) h_{t-1}
+            ddt = tl.sum(dlog * A, axis=1) + dw * u
+            dA += dlog * dt[:, None]
+            du = dw * dt + Dv * dy
+            if HAS_D:
+                dD += dy * u
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(raw)
+            ddt = tl.where(mask_d, ddt, 0.0)
+            if HAS_BIAS:
+                dbias += ddt
+            tl.store(du_ptr + row + t, du.to(du_ptr.dtype.element_ty), mask=mask_d)
+            tl.store(ddt_ptr + row + t, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_d)
+            if HAS_Z:
+                y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
+                dz = dout * y * sz * (1.0 + z * (1.0 - sz))
+                tl.store(dz_ptr + row + t, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
+            decay_next = tl.exp2(dt[:, None] * A2)
+        tl.debug_barrier()  # the next chunk's recompute overwrites the scratch
     tl.atomic_add(dA_ptr + state, dA, mask=mask_dn)
     if HAS_D:
         tl.atomic_add(dD_ptr + offs_d, dD, mask=mask_d)
@@ -274,15 +223,9 @@ def _launch(u, A, B, D, z, delta_bias, delta_softplus):
     cpg = d // groups
     bd, chunk, warps = _config()
     bd = _block_d(cpg, bd)
-    meta = dict(T=chunk, TAIL=_tail(l, chunk), BD=bd, BN=max(triton.next_power_of_2(n), 2), num_warps=warps,
+    meta = dict(K=chunk, BD=bd, BN=max(triton.next_power_of_2(n), 2), num_warps=warps,
                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
     return (b, triton.cdiv(d, bd)), triton.cdiv(l, chunk), cpg, meta
-
-
-def _tail(length: int, chunk: int) -> int:
-    """Tile size of the last, partial chunk (0 when ``chunk`` divides ``length``): a power of two, at least 2."""
-    rest = length % chunk
-    return max(triton.next_power_of_2(rest), 2) if rest else 0
 
 
 def _contiguous(*tensors):
@@ -349,9 +292,10 @@ def _bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tens
     dC_part = u.new_empty((b, grid[1], n, l), **f32)
     dD = torch.zeros_like(D, **f32) if D is not None else None
     dbias = torch.zeros_like(delta_bias, **f32) if delta_bias is not None else None
+    scratch = u.new_empty((b * grid[1] * meta["K"] * meta["BD"] * meta["BN"],), **f32)  # each program's chunk states
     opt = lambda t: _or_dummy(t, u)  # noqa: E731
     torch.library.wrap_triton(_scan_bwd_kernel)[grid](
-        u, delta, A, B, C, opt(D), opt(z), opt(delta_bias), dout, dlast, ckpt,
+        u, delta, A, B, C, opt(D), opt(z), opt(delta_bias), dout, dlast, ckpt, scratch,
         du, ddelta, dA, dB_part, dC_part, opt(dD), opt(dz), opt(dbias),
         l, d, n, cpg, n_chunks, grid[1], **meta,
     )

@@ -59,11 +59,10 @@ def test_kernels_compile_for_h100(kernel, act, length):
 
     fn = getattr(sst, kernel)
     bd, chunk, _ = sst._config()  # the launch configuration the models use
-    consts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, T=chunk, TAIL=sst._tail(length, chunk),
-                  BD=bd, BN=16)
+    consts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, K=chunk, BD=bd, BN=16)
     # activations (and their gradients) in `act`; A, D, delta_bias, states and fp32 accumulators in fp32
-    fp32_ptrs = {"A_ptr", "D_ptr", "bias_ptr", "last_ptr", "ckpt_ptr", "dlast_ptr", "dA_ptr", "dB_ptr", "dC_ptr",
-                 "dD_ptr", "dbias_ptr"}
+    fp32_ptrs = {"A_ptr", "D_ptr", "bias_ptr", "last_ptr", "ckpt_ptr", "scratch_ptr", "dlast_ptr", "dA_ptr", "dB_ptr",
+                 "dC_ptr", "dD_ptr", "dbias_ptr"}
     signature = {a: "constexpr" if a in consts else ("*fp32" if a in fp32_ptrs else f"*{act}") if a.endswith("_ptr")
                  else "i32" for a in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32))
