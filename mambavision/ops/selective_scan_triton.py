@@ -48,7 +48,7 @@ LAUNCH = None
 
 
 def _config():
-    return LAUNCH or (8, 16, 1)
+    return LAUNCH or (32, 16, 1)
 
 
 @triton.jit
@@ -90,35 +90,37 @@ def _scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     K: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):
+    # Layouts: u, delta, z, out (b, d, l); A (n, d); B, C (b, g, l, n); the state tile (n, d), so that each thread
+    # holds one channel with all its states and the sums over states stay inside the thread.
     pid_b = tl.program_id(0).to(tl.int64)  # batch offsets can pass 2**31 elements
     pid_d = tl.program_id(1)
     offs_d = pid_d * BD + tl.arange(0, BD)
     offs_n = tl.arange(0, BN)
     mask_d = offs_d < D
     mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    row = pid_b * D * L + offs_d * L  # u, delta, z, out: contiguous (b, d, l)
-    bc = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L + offs_n * L  # B, C: (b, g, n, l)
-    state = offs_d[:, None] * N + offs_n[None, :]
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    row = pid_b * D * L + offs_d * L
+    bc = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * L * N + offs_n
+    state = offs_n[:, None] * D + offs_d[None, :]  # (n, d) in A and in the checkpoints (b, chunk, n, d)
     Dv = _per_channel(D_ptr, offs_d, mask_d, HAS_D, BD)
     bias = _per_channel(bias_ptr, offs_d, mask_d, HAS_BIAS, BD)
-    A2 = tl.load(A_ptr + state, mask=mask_dn, other=0.0).to(tl.float32) * LOG2E  # exp(x A) = exp2(x A log2 e)
+    A2 = tl.load(A_ptr + state, mask=mask_nd, other=0.0).to(tl.float32) * LOG2E  # exp(x A) = exp2(x A log2 e)
 
-    h = tl.zeros([BD, BN], dtype=tl.float32)  # masked lanes stay 0: their A, u and B load as 0
+    h = tl.zeros([BN, BD], dtype=tl.float32)  # masked lanes stay 0: their A, u and B load as 0
     for c in range(0, n_chunks):
-        tl.store(ckpt_ptr + (pid_b * n_chunks + c) * D * N + state, h, mask=mask_dn)  # the backward restarts here
+        tl.store(ckpt_ptr + (pid_b * n_chunks + c) * N * D + state, h, mask=mask_nd)  # the backward restarts here
         for t in range(c * K, tl.minimum(c * K + K, L)):
             u = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
             dt, _ = _delta(dt_ptr, bias, row + t, mask_d, HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
-            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
-            y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
+            Bt = tl.load(B_ptr + bc + t * N, mask=mask_n, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + bc + t * N, mask=mask_n, other=0.0).to(tl.float32)
+            h = tl.exp2(dt[None, :] * A2) * h + Bt[:, None] * (dt * u)[None, :]
+            y = tl.sum(h * Ct[:, None], axis=0) + Dv * u
             if HAS_Z:
                 z = tl.load(z_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
                 y = y * z * tl.sigmoid(z)
             tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
-    tl.store(last_ptr + pid_b * D * N + state, h, mask=mask_dn)
+    tl.store(last_ptr + pid_b * D * N + offs_d[None, :] * N + offs_n[:, None], h, mask=mask_nd)
 
 
 @triton.jit
@@ -135,57 +137,56 @@ def _scan_bwd_kernel(
     offs_n = tl.arange(0, BN)
     mask_d = offs_d < D
     mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    mask_nd = mask_n[:, None] & mask_d[None, :]
     row = pid_b * D * L + offs_d * L
-    bc = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L + offs_n * L
+    bc = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * L * N + offs_n
     part = (pid_b * n_dblocks + pid_d) * N * L + offs_n * L  # this program's partial sums of dB, dC: (b, d-blocks, n, l)
-    state = offs_d[:, None] * N + offs_n[None, :]
-    # this program's scratch: the chunk's states, (K, BD, BN) fp32
-    tile = (pid_b * n_dblocks + pid_d) * K * BD * BN + tl.arange(0, BD)[:, None] * BN + offs_n[None, :]
+    state = offs_n[:, None] * D + offs_d[None, :]
+    # this program's scratch: the chunk's states, (K, BN, BD) fp32, laid out as the tile so each thread rereads its own
+    tile = (pid_b * n_dblocks + pid_d) * K * BN * BD + offs_n[:, None] * BD + tl.arange(0, BD)[None, :]
     Dv = _per_channel(D_ptr, offs_d, mask_d, HAS_D, BD)
     bias = _per_channel(bias_ptr, offs_d, mask_d, HAS_BIAS, BD)
-    A = tl.load(A_ptr + state, mask=mask_dn, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + state, mask=mask_nd, other=0.0).to(tl.float32)
     A2 = A * LOG2E
 
-    g = tl.load(dlast_ptr + pid_b * D * N + state, mask=mask_dn, other=0.0).to(tl.float32)  # dL/dh after step t
-    decay_next = tl.full([BD, BN], 1.0, dtype=tl.float32)  # exp(delta_{t+1} A); past the end, dlast enters as is
-    dA = tl.zeros([BD, BN], dtype=tl.float32)
+    g = tl.load(dlast_ptr + pid_b * N * D + state, mask=mask_nd, other=0.0)  # dL/dh after step t; dlast: (b, n, d)
+    decay_next = tl.full([BN, BD], 1.0, dtype=tl.float32)  # exp(delta_{t+1} A); past the end, dlast enters as is
+    dA = tl.zeros([BN, BD], dtype=tl.float32)
     dD = tl.zeros([BD], dtype=tl.float32)
     dbias = tl.zeros([BD], dtype=tl.float32)
     for cc in range(0, n_chunks):
         c = n_chunks - 1 - cc
         t0 = c * K
         t1 = tl.minimum(t0 + K, L)
-        h = tl.load(ckpt_ptr + (pid_b * n_chunks + c) * D * N + state, mask=mask_dn, other=0.0)
+        h = tl.load(ckpt_ptr + (pid_b * n_chunks + c) * N * D + state, mask=mask_nd, other=0.0)
         for t in range(t0, t1):  # recompute the chunk's states
             u = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
             dt, _ = _delta(dt_ptr, bias, row + t, mask_d, HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
-            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
-            tl.store(scratch_ptr + tile + (t - t0) * BD * BN, h)
-        tl.debug_barrier()  # the reads below may fall to other threads than the writes
+            Bt = tl.load(B_ptr + bc + t * N, mask=mask_n, other=0.0).to(tl.float32)
+            h = tl.exp2(dt[None, :] * A2) * h + Bt[:, None] * (dt * u)[None, :]
+            tl.store(scratch_ptr + tile + (t - t0) * BN * BD, h)
         for s in range(0, t1 - t0):  # then walk it backwards
             t = t1 - 1 - s
-            h = tl.load(scratch_ptr + tile + (t - t0) * BD * BN)
+            h = tl.load(scratch_ptr + tile + (t - t0) * BN * BD)
             u = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
             dt, raw = _delta(dt_ptr, bias, row + t, mask_d, HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
+            Bt = tl.load(B_ptr + bc + t * N, mask=mask_n, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + bc + t * N, mask=mask_n, other=0.0).to(tl.float32)
             dout = tl.load(dout_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
             dy = dout
             if HAS_Z:
                 z = tl.load(z_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
                 sz = tl.sigmoid(z)
                 dy = dout * z * sz
-            g = decay_next * g + dy[:, None] * Ct[None, :]
+            g = decay_next * g + Ct[:, None] * dy[None, :]
             w = dt * u
-            inp = w[:, None] * Bt[None, :]
-            tl.store(dC_ptr + part + t, tl.sum(h * dy[:, None], axis=0), mask=mask_n)
-            tl.store(dB_ptr + part + t, tl.sum(g * w[:, None], axis=0), mask=mask_n)
-            dw = tl.sum(g * Bt[None, :], axis=1)
+            inp = Bt[:, None] * w[None, :]
+            tl.store(dC_ptr + part + t, tl.sum(h * dy[None, :], axis=1), mask=mask_n)
+            tl.store(dB_ptr + part + t, tl.sum(g * w[None, :], axis=1), mask=mask_n)
+            dw = tl.sum(g * Bt[:, None], axis=0)
             dlog = g * (h - inp)  # g_t * exp(delta_t A) h_{t-1}
-            ddt = tl.sum(dlog * A, axis=1) + dw * u
-            dA += dlog * dt[:, None]
+            ddt = tl.sum(dlog * A, axis=0) + dw * u
+            dA += dlog * dt[None, :]
             du = dw * dt + Dv * dy
             if HAS_D:
                 dD += dy * u
@@ -197,12 +198,11 @@ def _scan_bwd_kernel(
             tl.store(du_ptr + row + t, du.to(du_ptr.dtype.element_ty), mask=mask_d)
             tl.store(ddt_ptr + row + t, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_d)
             if HAS_Z:
-                y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
+                y = tl.sum(h * Ct[:, None], axis=0) + Dv * u
                 dz = dout * y * sz * (1.0 + z * (1.0 - sz))
                 tl.store(dz_ptr + row + t, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
-            decay_next = tl.exp2(dt[:, None] * A2)
-        tl.debug_barrier()  # the next chunk's recompute overwrites the scratch
-    tl.atomic_add(dA_ptr + state, dA, mask=mask_dn)
+            decay_next = tl.exp2(dt[None, :] * A2)
+    tl.atomic_add(dA_ptr + state, dA, mask=mask_nd)
     if HAS_D:
         tl.atomic_add(dD_ptr + offs_d, dD, mask=mask_d)
     if HAS_BIAS:
@@ -226,6 +226,12 @@ def _launch(u, A, B, D, z, delta_bias, delta_softplus):
     meta = dict(K=chunk, BD=bd, BN=max(triton.next_power_of_2(n), 2), num_warps=warps,
                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
     return (b, triton.cdiv(d, bd)), triton.cdiv(l, chunk), cpg, meta
+
+
+def _kernel_layouts(A, B, C):
+    """A as (n, d) and B, C as (b, g, l, n): what the kernels read (small tensors; each step reads all states of
+    one time step, contiguous)."""
+    return A.t().contiguous(), B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous()
 
 
 def _contiguous(*tensors):
@@ -255,11 +261,12 @@ def _operator(name):
 def _fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
             D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
             delta_softplus: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    u, delta, A, B, C, z = _contiguous(u, delta, A, B, C, z)
+    u, delta, z = _contiguous(u, delta, z)
     out, last, ckpt = _fwd_outputs(u, A)
     grid, n_chunks, cpg, meta = _launch(u, A, B, D, z, delta_bias, delta_softplus)
+    A_nd, B_ln, C_ln = _kernel_layouts(A, B, C)
     torch.library.wrap_triton(_scan_fwd_kernel)[grid](
-        u, delta, A, B, C, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u), out, last, ckpt,
+        u, delta, A_nd, B_ln, C_ln, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u), out, last, ckpt,
         u.shape[2], u.shape[1], A.shape[1], cpg, n_chunks, **meta,
     )
     return out, last, ckpt
@@ -271,22 +278,23 @@ def _fwd_outputs(u, A):
     f32 = dict(dtype=torch.float32)
     n_chunks = triton.cdiv(l, _config()[1])
     # out, the last state, and the state entering every chunk (what the backward restarts from)
-    return (u.new_empty((b, d, l)), u.new_empty((b, d, n), **f32), u.new_empty((b, n_chunks, d, n), **f32))
+    return (u.new_empty((b, d, l)), u.new_empty((b, d, n), **f32), u.new_empty((b, n_chunks, n, d), **f32))
 
 
 @_operator("mambavision::selective_scan_triton_bwd")
 def _bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
             D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
             ckpt: torch.Tensor, dout: torch.Tensor, dlast: torch.Tensor, delta_softplus: bool) -> List[torch.Tensor]:
-    u, delta, A, B, C, z = _contiguous(u, delta, A, B, C, z)
+    u, delta, z = _contiguous(u, delta, z)
     b, d, l = u.shape
     n, groups = A.shape[1], B.shape[1]
     grid, n_chunks, cpg, meta = _launch(u, A, B, D, z, delta_bias, delta_softplus)
-    dout, dlast = dout.contiguous(), dlast.to(torch.float32).contiguous()
+    A_nd, B_ln, C_ln = _kernel_layouts(A, B, C)
+    dout, dlast = dout.contiguous(), dlast.to(torch.float32).transpose(1, 2).contiguous()  # (b, n, d), as the tile
     f32 = dict(dtype=torch.float32)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else None
-    dA = torch.zeros_like(A, **f32)
+    dA = A.new_zeros((n, d), **f32)  # (n, d), as the kernel holds A
     # Per-program partial sums over its channels (no atomics: deterministic, no contention), reduced below.
     dB_part = u.new_empty((b, grid[1], n, l), **f32)
     dC_part = u.new_empty((b, grid[1], n, l), **f32)
@@ -295,7 +303,7 @@ def _bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tens
     scratch = u.new_empty((b * grid[1] * meta["K"] * meta["BD"] * meta["BN"],), **f32)  # each program's chunk states
     opt = lambda t: _or_dummy(t, u)  # noqa: E731
     torch.library.wrap_triton(_scan_bwd_kernel)[grid](
-        u, delta, A, B, C, opt(D), opt(z), opt(delta_bias), dout, dlast, ckpt, scratch,
+        u, delta, A_nd, B_ln, C_ln, opt(D), opt(z), opt(delta_bias), dout, dlast, ckpt, scratch,
         du, ddelta, dA, dB_part, dC_part, opt(dD), opt(dz), opt(dbias),
         l, d, n, cpg, n_chunks, grid[1], **meta,
     )
@@ -303,7 +311,7 @@ def _bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tens
     dC = dC_part.view(b, groups, grid[1] // groups, n, l).sum(2)
     # A custom op cannot return None: an absent input's gradient is an empty tensor, dropped in _backward.
     cast = lambda g, like: g.to(like.dtype) if like is not None else u.new_empty(0)  # noqa: E731
-    return [du, ddelta, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), dz if z is not None else u.new_empty(0),
+    return [du, ddelta, cast(dA.t(), A), cast(dB, B), cast(dC, C), cast(dD, D), dz if z is not None else u.new_empty(0),
             cast(dbias, delta_bias)]
 
 
