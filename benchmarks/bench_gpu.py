@@ -176,6 +176,22 @@ def _time_ms(fn, device, warmup, reps):
     return sorted(times)[len(times) // 2]
 
 
+def _kernel_ms(fn, device, reps=5):
+    """GPU kernel time per call (torch.profiler: every kernel the call launches, the wrappers' copies included),
+    without the host's launch gaps that an eager call's wall time also holds."""
+    if device.type != "cuda":
+        return float("nan")
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        sync(device)
+    return sum(_kernel_times(prof, reps).values())
+
+
 def bench_scan(args, device, report):
     from mambavision.ops.selective_scan import mamba_ssm_available, selective_scan_fn, triton_scan_available
 
@@ -193,15 +209,19 @@ def bench_scan(args, device, report):
                     y = selective_scan_fn(**inp, delta_softplus=True, backend=be)
                     y.backward(torch.ones_like(y))
                 rows[f"{lab} | {dtn} | {label}"] = _time_ms(step, device, 3, 5 if args.tiny else 20)
+                rows[f"{lab} | {dtn} | {label} | kernels"] = _kernel_ms(step, device)
                 for t in inp.values():
                     t.grad = None
     base = backends[0][0]
-    lines = [f"Selective scan, fwd + bwd, median ms (B, D, L, N); (x) = time relative to {base}", "",
+    lines = [f"Selective scan, fwd + bwd, median ms of an eager call (B, D, L, N) / GPU kernel ms of that call "
+             f"(torch.profiler); (x) = relative to {base}", "",
              "| shape | dtype | " + " | ".join(b[0] for b in backends) + " |", "|---|---|" + "---|" * len(backends)]
     for dtn in ("fp32", "bf16"):
         for lab, b, d, l, n in shapes:
-            ref = rows[f"{lab} | {dtn} | {base}"]
-            cells = [f"{rows[f'{lab} | {dtn} | {label}']:.3f} ({rows[f'{lab} | {dtn} | {label}'] / ref:.2f}x)"
+            key = f"{lab} | {dtn} | "
+            ref, kref = rows[key + base], rows[key + base + " | kernels"]
+            cells = [f"{rows[key + label]:.3f} ({rows[key + label] / ref:.2f}x) / "
+                     f"{rows[key + label + ' | kernels']:.3f} ({rows[key + label + ' | kernels'] / kref:.2f}x)"
                      for label, _ in backends]
             lines.append(f"| {lab}: {b}, {d}, {l}, {n} | {dtn} | " + " | ".join(cells) + " |")
     report.add("scan", rows, lines)
@@ -231,17 +251,19 @@ def _sweep_triton(args, device, report, shapes):
                     y.backward(torch.ones_like(y))
 
                 try:
-                    rows[f"{lab} | {cfg}"] = (_time_ms(fwd, device, 3, 20), _time_ms(both, device, 3, 20))
+                    rows[f"{lab} | {cfg}"] = (_time_ms(fwd, device, 3, 20), _time_ms(both, device, 3, 20),
+                                              _kernel_ms(fwd, device), _kernel_ms(both, device))
                 except Exception as e:  # a configuration the compiler rejects is a row, not the end of the sweep
                     print(f"  {lab} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    rows[f"{lab} | {cfg}"] = (float("nan"), float("nan"))
+                    rows[f"{lab} | {cfg}"] = (float("nan"),) * 4
     finally:
         sst.LAUNCH = None
-    lines = ["Triton scan launch configurations, bf16, median ms forward / forward + backward", "",
+    lines = ["Triton scan launch configurations, bf16, median ms of an eager call, forward / forward + backward; "
+             "in brackets the GPU kernel ms of the same calls", "",
              "| channels x chunk x warps | " + " | ".join(s[0] for s in shapes) + " |", "|---|" + "---|" * len(shapes)]
     for cfg in configs:
         lines.append(f"| {cfg} | " + " | ".join(
-            "{:.3f} / {:.3f}".format(*rows[f"{s[0]} | {cfg}"]) for s in shapes) + " |")
+            "{:.3f} / {:.3f} ({:.3f} / {:.3f})".format(*rows[f"{s[0]} | {cfg}"]) for s in shapes) + " |")
     report.add("scan_configs", {k: list(v) for k, v in rows.items()}, lines)
 
 

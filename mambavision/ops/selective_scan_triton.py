@@ -90,8 +90,9 @@ def _scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     K: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):
-    # Layouts: u, delta, z, out (b, d, l); A (n, d); B, C (b, g, l, n); the state tile (n, d), so that each thread
-    # holds one channel with all its states and the sums over states stay inside the thread.
+    # Layouts: u, delta, z, out (b, d, l); A (n, d); B, C (b, g, n, l); the state tile (n, d). Triton lays the
+    # tile out as the (n, d) loads of A and the checkpoints: one channel per thread with all its states, so the
+    # sums over states stay inside the thread (A read as (d, n) would spread the states over lanes).
     pid_b = tl.program_id(0).to(tl.int64)  # batch offsets can pass 2**31 elements
     pid_d = tl.program_id(1)
     offs_d = pid_d * BD + tl.arange(0, BD)
@@ -100,8 +101,8 @@ def _scan_fwd_kernel(
     mask_n = offs_n < N
     mask_nd = mask_n[:, None] & mask_d[None, :]
     row = pid_b * D * L + offs_d * L
-    bc = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * L * N + offs_n
-    state = offs_n[:, None] * D + offs_d[None, :]  # (n, d) in A and in the checkpoints (b, chunk, n, d)
+    bc = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L + offs_n * L
+    state = offs_n[:, None] * D + offs_d[None, :]  # (n, d), in A and in the checkpoints (b, chunk, n, d)
     Dv = _per_channel(D_ptr, offs_d, mask_d, HAS_D, BD)
     bias = _per_channel(bias_ptr, offs_d, mask_d, HAS_BIAS, BD)
     A2 = tl.load(A_ptr + state, mask=mask_nd, other=0.0).to(tl.float32) * LOG2E  # exp(x A) = exp2(x A log2 e)
@@ -112,8 +113,8 @@ def _scan_fwd_kernel(
         for t in range(c * K, tl.minimum(c * K + K, L)):
             u = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
             dt, _ = _delta(dt_ptr, bias, row + t, mask_d, HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(B_ptr + bc + t * N, mask=mask_n, other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + bc + t * N, mask=mask_n, other=0.0).to(tl.float32)
+            Bt = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
             h = tl.exp2(dt[None, :] * A2) * h + Bt[:, None] * (dt * u)[None, :]
             y = tl.sum(h * Ct[:, None], axis=0) + Dv * u
             if HAS_Z:
@@ -139,7 +140,7 @@ def _scan_bwd_kernel(
     mask_n = offs_n < N
     mask_nd = mask_n[:, None] & mask_d[None, :]
     row = pid_b * D * L + offs_d * L
-    bc = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * L * N + offs_n
+    bc = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L + offs_n * L
     part = (pid_b * n_dblocks + pid_d) * N * L + offs_n * L  # this program's partial sums of dB, dC: (b, d-blocks, n, l)
     state = offs_n[:, None] * D + offs_d[None, :]
     # this program's scratch: the chunk's states, (K, BN, BD) fp32, laid out as the tile so each thread rereads its own
@@ -162,7 +163,7 @@ def _scan_bwd_kernel(
         for t in range(t0, t1):  # recompute the chunk's states
             u = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
             dt, _ = _delta(dt_ptr, bias, row + t, mask_d, HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(B_ptr + bc + t * N, mask=mask_n, other=0.0).to(tl.float32)
+            Bt = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
             h = tl.exp2(dt[None, :] * A2) * h + Bt[:, None] * (dt * u)[None, :]
             tl.store(scratch_ptr + tile + (t - t0) * BN * BD, h)
         for s in range(0, t1 - t0):  # then walk it backwards
@@ -170,8 +171,8 @@ def _scan_bwd_kernel(
             h = tl.load(scratch_ptr + tile + (t - t0) * BN * BD)
             u = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
             dt, raw = _delta(dt_ptr, bias, row + t, mask_d, HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(B_ptr + bc + t * N, mask=mask_n, other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + bc + t * N, mask=mask_n, other=0.0).to(tl.float32)
+            Bt = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
             dout = tl.load(dout_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
             dy = dout
             if HAS_Z:
@@ -228,12 +229,6 @@ def _launch(u, A, B, D, z, delta_bias, delta_softplus):
     return (b, triton.cdiv(d, bd)), triton.cdiv(l, chunk), cpg, meta
 
 
-def _kernel_layouts(A, B, C):
-    """A as (n, d) and B, C as (b, g, l, n): what the kernels read (small tensors; each step reads all states of
-    one time step, contiguous)."""
-    return A.t().contiguous(), B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous()
-
-
 def _contiguous(*tensors):
     return [t.contiguous() if t is not None else None for t in tensors]
 
@@ -261,12 +256,12 @@ def _operator(name):
 def _fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
             D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
             delta_softplus: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    u, delta, z = _contiguous(u, delta, z)
+    u, delta, B, C, z = _contiguous(u, delta, B, C, z)
     out, last, ckpt = _fwd_outputs(u, A)
     grid, n_chunks, cpg, meta = _launch(u, A, B, D, z, delta_bias, delta_softplus)
-    A_nd, B_ln, C_ln = _kernel_layouts(A, B, C)
+    A_nd = A.t().contiguous()  # (n, d), the kernels' layout of the state tile
     torch.library.wrap_triton(_scan_fwd_kernel)[grid](
-        u, delta, A_nd, B_ln, C_ln, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u), out, last, ckpt,
+        u, delta, A_nd, B, C, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u), out, last, ckpt,
         u.shape[2], u.shape[1], A.shape[1], cpg, n_chunks, **meta,
     )
     return out, last, ckpt
@@ -285,11 +280,11 @@ def _fwd_outputs(u, A):
 def _bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
             D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
             ckpt: torch.Tensor, dout: torch.Tensor, dlast: torch.Tensor, delta_softplus: bool) -> List[torch.Tensor]:
-    u, delta, z = _contiguous(u, delta, z)
+    u, delta, B, C, z = _contiguous(u, delta, B, C, z)
     b, d, l = u.shape
     n, groups = A.shape[1], B.shape[1]
     grid, n_chunks, cpg, meta = _launch(u, A, B, D, z, delta_bias, delta_softplus)
-    A_nd, B_ln, C_ln = _kernel_layouts(A, B, C)
+    A_nd = A.t().contiguous()  # (n, d), the kernels' layout of the state tile
     dout, dlast = dout.contiguous(), dlast.to(torch.float32).transpose(1, 2).contiguous()  # (b, n, d), as the tile
     f32 = dict(dtype=torch.float32)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
@@ -303,7 +298,7 @@ def _bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tens
     scratch = u.new_empty((b * grid[1] * meta["K"] * meta["BD"] * meta["BN"],), **f32)  # each program's chunk states
     opt = lambda t: _or_dummy(t, u)  # noqa: E731
     torch.library.wrap_triton(_scan_bwd_kernel)[grid](
-        u, delta, A_nd, B_ln, C_ln, opt(D), opt(z), opt(delta_bias), dout, dlast, ckpt, scratch,
+        u, delta, A_nd, B, C, opt(D), opt(z), opt(delta_bias), dout, dlast, ckpt, scratch,
         du, ddelta, dA, dB_part, dC_part, opt(dD), opt(dz), opt(dbias),
         l, d, n, cpg, n_chunks, grid[1], **meta,
     )
