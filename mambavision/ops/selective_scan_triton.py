@@ -48,7 +48,7 @@ LAUNCH = None
 
 
 def _config():
-    return LAUNCH or (32, 16, 1)
+    return LAUNCH or (32, 8, 1)
 
 
 @triton.jit
@@ -238,29 +238,13 @@ def _or_dummy(t, like):
     return t if t is not None else like.new_empty(1, dtype=torch.float32)
 
 
-# Triton's CPU interpreter (the CPU tests) turns @triton.jit kernels into plain functions that wrap_triton cannot
-# trace; there the two operators are opaque custom ops with explicit fake implementations instead.
-_INTERPRETED = _triton_interpreted()
-
-
-def _operator(name):
-    return (torch.library.custom_op if _INTERPRETED else torch.library.triton_op)(name, mutates_args=())
-
-
-# The kernels are registered as PyTorch operators (forward, backward, and the autograd rule joining them) with
-# torch.library.triton_op, so torch.compile traces a model through the scan instead of breaking its graph there.
-# Unlike an opaque custom_op, inductor also sees inside: its generated code allocates the buffers and launches
-# the two kernels itself, without the Python operator call per use (about 0.3 ms of host time per forward and
-# 0.6 ms per backward in the compiled DINOv2 step, H200 trace at 26a83a3, where the step waits on the host).
-@_operator("mambavision::selective_scan_triton_fwd")
-def _fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-            D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-            delta_softplus: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, launch):
+    """Launch the forward kernel; ``launch(kernel, grid)`` is how (directly, or through wrap_triton when traced)."""
     u, delta, B, C, z = _contiguous(u, delta, B, C, z)
     out, last, ckpt = _fwd_outputs(u, A)
     grid, n_chunks, cpg, meta = _launch(u, A, B, D, z, delta_bias, delta_softplus)
     A_nd = A.t().contiguous()  # (n, d), the kernels' layout of the state tile
-    torch.library.wrap_triton(_scan_fwd_kernel)[grid](
+    launch(_scan_fwd_kernel, grid)(
         u, delta, A_nd, B, C, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u), out, last, ckpt,
         u.shape[2], u.shape[1], A.shape[1], cpg, n_chunks, **meta,
     )
@@ -276,10 +260,8 @@ def _fwd_outputs(u, A):
     return (u.new_empty((b, d, l)), u.new_empty((b, d, n), **f32), u.new_empty((b, n_chunks, n, d), **f32))
 
 
-@_operator("mambavision::selective_scan_triton_bwd")
-def _bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-            D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-            ckpt: torch.Tensor, dout: torch.Tensor, dlast: torch.Tensor, delta_softplus: bool) -> List[torch.Tensor]:
+def _bwd(u, delta, A, B, C, D, z, delta_bias, ckpt, dout, dlast, delta_softplus, launch):
+    """Launch the backward kernel; the gradients of all eight inputs (an empty tensor for an absent one)."""
     u, delta, B, C, z = _contiguous(u, delta, B, C, z)
     b, d, l = u.shape
     n, groups = A.shape[1], B.shape[1]
@@ -297,7 +279,7 @@ def _bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tens
     dbias = torch.zeros_like(delta_bias, **f32) if delta_bias is not None else None
     scratch = u.new_empty((b * grid[1] * meta["K"] * meta["BD"] * meta["BN"],), **f32)  # each program's chunk states
     opt = lambda t: _or_dummy(t, u)  # noqa: E731
-    torch.library.wrap_triton(_scan_bwd_kernel)[grid](
+    launch(_scan_bwd_kernel, grid)(
         u, delta, A_nd, B, C, opt(D), opt(z), opt(delta_bias), dout, dlast, ckpt, scratch,
         du, ddelta, dA, dB_part, dC_part, opt(dD), opt(dz), opt(dbias),
         l, d, n, cpg, n_chunks, grid[1], **meta,
@@ -308,6 +290,62 @@ def _bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tens
     cast = lambda g, like: g.to(like.dtype) if like is not None else u.new_empty(0)  # noqa: E731
     return [du, ddelta, cast(dA.t(), A), cast(dB, B), cast(dC, C), cast(dD, D), dz if z is not None else u.new_empty(0),
             cast(dbias, delta_bias)]
+
+
+def _direct(kernel, grid):
+    return kernel[grid]
+
+
+def _traceable(kernel, grid):
+    return torch.library.wrap_triton(kernel)[grid]
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """The eager path: the kernels launched straight from autograd. A custom operator's dispatch, argument
+    checks and autograd wrapper cost more host time than the kernels' GPU time at MV_Hybrid's shapes, and an
+    eager step waits on the host."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        out, last, ckpt = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, _direct)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+        ctx.delta_softplus = delta_softplus
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors  # an unused output's gradient comes as zeros
+        grads = _bwd(u, delta, A, B, C, D, z, delta_bias, ckpt, dout, dlast, ctx.delta_softplus, _direct)
+        present = (u, delta, A, B, C, D, z, delta_bias)
+        return (*[g if x is not None else None for g, x in zip(grads, present)], None)
+
+
+# Triton's CPU interpreter (the CPU tests) turns @triton.jit kernels into plain functions that wrap_triton cannot
+# trace; there the two operators are opaque custom ops with explicit fake implementations instead.
+_INTERPRETED = _triton_interpreted()
+
+
+def _operator(name):
+    return (torch.library.custom_op if _INTERPRETED else torch.library.triton_op)(name, mutates_args=())
+
+
+# Under torch.compile the kernels are PyTorch operators (forward, backward, and the autograd rule joining them),
+# registered with torch.library.triton_op, so dynamo traces a model through the scan instead of breaking its graph
+# there. Unlike an opaque custom_op, inductor also sees inside: its generated code allocates the buffers and
+# launches the two kernels itself, without the Python operator call per use (about 0.3 ms of host time per forward
+# and 0.6 ms per backward in the compiled DINOv2 step, H200 trace at 26a83a3, where the step waits on the host).
+@_operator("mambavision::selective_scan_triton_fwd")
+def _fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+            D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+            delta_softplus: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, _traceable)
+
+
+@_operator("mambavision::selective_scan_triton_bwd")
+def _bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+            D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+            ckpt: torch.Tensor, dout: torch.Tensor, dlast: torch.Tensor, delta_softplus: bool) -> List[torch.Tensor]:
+    return _bwd(u, delta, A, B, C, D, z, delta_bias, ckpt, dout, dlast, delta_softplus, _traceable)
 
 
 if _INTERPRETED:
@@ -344,5 +382,7 @@ def triton_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     D, delta_bias: (d,) or None; z may be None. Returns ``out`` in u's dtype and the last state
     (b, d, n) in fp32. Gradients come back in each input's dtype.
     """
-    out, last, _ = _fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
-    return out, last
+    if torch.compiler.is_compiling():
+        out, last, _ = _fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+        return out, last
+    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
