@@ -130,7 +130,7 @@ def _scan_bwd_kernel(
     du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
     L, D, N, chans_per_group, n_chunks, n_dblocks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    K: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    K: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, HAS_DLAST: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -141,7 +141,7 @@ def _scan_bwd_kernel(
     mask_nd = mask_n[:, None] & mask_d[None, :]
     row = pid_b * D * L + offs_d * L
     bc = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L + offs_n * L
-    part = (pid_b * n_dblocks + pid_d) * N * L + offs_n * L  # this program's partial sums of dB, dC: (b, d-blocks, n, l)
+    part = (pid_b * n_dblocks + pid_d) * N * L + offs_n * L  # this program's partial dB, dC: (b, d-blocks, n, l)
     state = offs_n[:, None] * D + offs_d[None, :]
     # this program's scratch: the chunk's states, (K, BN, BD) fp32, laid out as the tile so each thread rereads its own
     tile = (pid_b * n_dblocks + pid_d) * K * BN * BD + offs_n[:, None] * BD + tl.arange(0, BD)[None, :]
@@ -150,7 +150,9 @@ def _scan_bwd_kernel(
     A = tl.load(A_ptr + state, mask=mask_nd, other=0.0).to(tl.float32)
     A2 = A * LOG2E
 
-    g = tl.load(dlast_ptr + pid_b * N * D + state, mask=mask_nd, other=0.0)  # dL/dh after step t; dlast: (b, n, d)
+    g = tl.zeros([BN, BD], dtype=tl.float32)  # dL/dh after step t
+    if HAS_DLAST:  # (b, n, d), as the tile (a (d, n) load would pull the loop's tiles into its layout)
+        g = tl.load(dlast_ptr + pid_b * N * D + state, mask=mask_nd, other=0.0)
     decay_next = tl.full([BN, BD], 1.0, dtype=tl.float32)  # exp(delta_{t+1} A); past the end, dlast enters as is
     dA = tl.zeros([BN, BD], dtype=tl.float32)
     dD = tl.zeros([BD], dtype=tl.float32)
@@ -233,22 +235,23 @@ def _contiguous(*tensors):
     return [t.contiguous() if t is not None else None for t in tensors]
 
 
-def _or_dummy(t, like):
-    # The kernels take a pointer for every optional input; an absent one gets a placeholder it never reads.
-    return t if t is not None else like.new_empty(1, dtype=torch.float32)
-
-
 def _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, launch):
-    """Launch the forward kernel; ``launch(kernel, grid)`` is how (directly, or through wrap_triton when traced)."""
+    """Launch the forward kernel; ``launch(kernel, grid)`` is how (directly, or through wrap_triton when traced).
+    Returns out, the last state, the chunk checkpoints and A as (n, d), which the backward reuses."""
     u, delta, B, C, z = _contiguous(u, delta, B, C, z)
     out, last, ckpt = _fwd_outputs(u, A)
     grid, n_chunks, cpg, meta = _launch(u, A, B, D, z, delta_bias, delta_softplus)
     A_nd = A.t().contiguous()  # (n, d), the kernels' layout of the state tile
+    # An absent optional input is passed as u: its flag is off, so the kernel never reads it.
     launch(_scan_fwd_kernel, grid)(
-        u, delta, A_nd, B, C, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u), out, last, ckpt,
+        u, delta, A_nd, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), out, last, ckpt,
         u.shape[2], u.shape[1], A.shape[1], cpg, n_chunks, **meta,
     )
-    return out, last, ckpt
+    return out, last, ckpt, A_nd
+
+
+def _or(t, fallback):
+    return fallback if t is None else t
 
 
 def _fwd_outputs(u, A):
@@ -260,36 +263,42 @@ def _fwd_outputs(u, A):
     return (u.new_empty((b, d, l)), u.new_empty((b, d, n), **f32), u.new_empty((b, n_chunks, n, d), **f32))
 
 
-def _bwd(u, delta, A, B, C, D, z, delta_bias, ckpt, dout, dlast, delta_softplus, launch):
-    """Launch the backward kernel; the gradients of all eight inputs (an empty tensor for an absent one)."""
-    u, delta, B, C, z = _contiguous(u, delta, B, C, z)
+def _bwd(u, delta, A, A_nd, B, C, D, z, delta_bias, ckpt, dout, dlast, delta_softplus, launch):
+    """Launch the backward kernel. Returns du, ddelta, dz (empty when z is absent), the fp32 sums of dA, dD and
+    dbias in one buffer, and dB, dC stacked: a custom op's outputs may not alias each other, so ``_grads`` splits
+    them. dlast may be None (the last state unused)."""
+    u, delta, B, C, z, dout = _contiguous(u, delta, B, C, z, dout)
     b, d, l = u.shape
     n, groups = A.shape[1], B.shape[1]
     grid, n_chunks, cpg, meta = _launch(u, A, B, D, z, delta_bias, delta_softplus)
-    A_nd = A.t().contiguous()  # (n, d), the kernels' layout of the state tile
-    dout, dlast = dout.contiguous(), dlast.to(torch.float32).transpose(1, 2).contiguous()  # (b, n, d), as the tile
+    if dlast is not None:
+        dlast = dlast.to(torch.float32).transpose(1, 2).contiguous()  # (b, n, d), as the tile
     f32 = dict(dtype=torch.float32)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else None
-    dA = A.new_zeros((n, d), **f32)  # (n, d), as the kernel holds A
-    # Per-program partial sums over its channels (no atomics: deterministic, no contention), reduced below.
-    dB_part = u.new_empty((b, grid[1], n, l), **f32)
-    dC_part = u.new_empty((b, grid[1], n, l), **f32)
-    dD = torch.zeros_like(D, **f32) if D is not None else None
-    dbias = torch.zeros_like(delta_bias, **f32) if delta_bias is not None else None
+    # dA (n, d), dD and dbias, summed over the batch by atomics: one zeroed buffer (each op costs host time)
+    sums = u.new_zeros((n * d + 2 * d,), **f32)
+    dA, dD, dbias = sums[:n * d].view(n, d), sums[n * d:n * d + d], sums[n * d + d:]
+    # Per-program partial sums of dB and dC over its channels (no atomics: deterministic), reduced below.
+    parts = u.new_empty((2, b, grid[1], n, l), **f32)
     scratch = u.new_empty((b * grid[1] * meta["K"] * meta["BD"] * meta["BN"],), **f32)  # each program's chunk states
-    opt = lambda t: _or_dummy(t, u)  # noqa: E731
     launch(_scan_bwd_kernel, grid)(
-        u, delta, A_nd, B, C, opt(D), opt(z), opt(delta_bias), dout, dlast, ckpt, scratch,
-        du, ddelta, dA, dB_part, dC_part, opt(dD), opt(dz), opt(dbias),
-        l, d, n, cpg, n_chunks, grid[1], **meta,
+        u, delta, A_nd, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), dout, _or(dlast, u), ckpt, scratch,
+        du, ddelta, dA, parts[0], parts[1], dD, _or(dz, u), dbias,
+        l, d, n, cpg, n_chunks, grid[1], HAS_DLAST=dlast is not None, **meta,
     )
-    dB = dB_part.view(b, groups, grid[1] // groups, n, l).sum(2)
-    dC = dC_part.view(b, groups, grid[1] // groups, n, l).sum(2)
-    # A custom op cannot return None: an absent input's gradient is an empty tensor, dropped in _backward.
-    cast = lambda g, like: g.to(like.dtype) if like is not None else u.new_empty(0)  # noqa: E731
-    return [du, ddelta, cast(dA.t(), A), cast(dB, B), cast(dC, C), cast(dD, D), dz if z is not None else u.new_empty(0),
-            cast(dbias, delta_bias)]
+    dBC = parts.view(2, b, groups, grid[1] // groups, n, l).sum(3).to(B.dtype)
+    return [du, ddelta, dz if z is not None else u.new_empty(0), sums, dBC]
+
+
+def _grads(raw, A, C, D, z, delta_bias):
+    """The eight inputs' gradients from ``_bwd``'s outputs, None for an absent input."""
+    du, ddelta, dz, sums, dBC = raw
+    d, n = A.shape
+    cast = lambda g, like: g.to(like.dtype) if like is not None else None  # noqa: E731
+    dA = sums[:n * d].view(n, d).t()
+    return (du, ddelta, dA.to(A.dtype), dBC[0], dBC[1].to(C.dtype), cast(sums[n * d:n * d + d], D),
+            dz if z is not None else None, cast(sums[n * d + d:], delta_bias))
 
 
 def _direct(kernel, grid):
@@ -307,17 +316,18 @@ class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        out, last, ckpt = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, _direct)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+        out, last, ckpt, A_nd = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, _direct)
+        ctx.save_for_backward(u, delta, A, A_nd, B, C, D, z, delta_bias, ckpt)
         ctx.delta_softplus = delta_softplus
+        ctx.set_materialize_grads(False)  # an unused last state comes as None: the kernel skips it
         return out, last
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors  # an unused output's gradient comes as zeros
-        grads = _bwd(u, delta, A, B, C, D, z, delta_bias, ckpt, dout, dlast, ctx.delta_softplus, _direct)
-        present = (u, delta, A, B, C, D, z, delta_bias)
-        return (*[g if x is not None else None for g, x in zip(grads, present)], None)
+        u, delta, A, A_nd, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+        dout = torch.zeros_like(u) if dout is None else dout
+        raw = _bwd(u, delta, A, A_nd, B, C, D, z, delta_bias, ckpt, dout, dlast, ctx.delta_softplus, _direct)
+        return (*_grads(raw, A, C, D, z, delta_bias), None)
 
 
 # Triton's CPU interpreter (the CPU tests) turns @triton.jit kernels into plain functions that wrap_triton cannot
@@ -338,14 +348,14 @@ def _operator(name):
 def _fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
             D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
             delta_softplus: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, _traceable)
+    return _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, _traceable)[:3]
 
 
 @_operator("mambavision::selective_scan_triton_bwd")
 def _bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
             D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
             ckpt: torch.Tensor, dout: torch.Tensor, dlast: torch.Tensor, delta_softplus: bool) -> List[torch.Tensor]:
-    return _bwd(u, delta, A, B, C, D, z, delta_bias, ckpt, dout, dlast, delta_softplus, _traceable)
+    return _bwd(u, delta, A, A.t().contiguous(), B, C, D, z, delta_bias, ckpt, dout, dlast, delta_softplus, _traceable)
 
 
 if _INTERPRETED:
@@ -353,8 +363,9 @@ if _INTERPRETED:
 
     @_bwd_op.register_fake
     def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, ckpt, dout, dlast, delta_softplus):
-        like = lambda t: torch.empty_like(t) if t is not None else u.new_empty(0)  # noqa: E731
-        return [like(u), like(delta), like(A), like(B), like(C), like(D), like(z), like(delta_bias)]
+        d, n = A.shape
+        return [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(z) if z is not None else u.new_empty(0),
+                u.new_empty((n * d + 2 * d,), dtype=torch.float32), B.new_empty((2,) + tuple(B.shape))]
 
 
 def _setup_context(ctx, inputs, output):
@@ -367,9 +378,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlast, _dckpt):
     u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
     # autograd materialises an unused output's gradient as zeros, so neither is None here
-    grads = _bwd_op(u, delta, A, B, C, D, z, delta_bias, ckpt, dout, dlast, ctx.delta_softplus)
-    present = (u, delta, A, B, C, D, z, delta_bias)
-    return (*[g if x is not None else None for g, x in zip(grads, present)], None)
+    raw = _bwd_op(u, delta, A, B, C, D, z, delta_bias, ckpt, dout, dlast, ctx.delta_softplus)
+    return (*_grads(raw, A, C, D, z, delta_bias), None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -14,11 +14,11 @@ import torch
 
 from mambavision.ops import selective_scan as ss
 from mambavision.ops.selective_scan import selective_scan_fn
-from triton_scan_check import COMPILED, LAUNCHED, SHAPES, case_id, errors, inputs
+from triton_scan_check import COMPILED, LAUNCHED, OUT_ONLY, SHAPES, case_id, errors, inputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-CASES = [case_id(s) for s in SHAPES] + [case_id((2, 32, 40, 4, 0), torch.bfloat16), COMPILED, LAUNCHED]
+CASES = [case_id(s) for s in SHAPES] + [case_id((2, 32, 40, 4, 0), torch.bfloat16), COMPILED, LAUNCHED, OUT_ONLY]
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,8 @@ def test_kernels_compile_for_h100(kernel, act, length):
     fn = getattr(sst, kernel)
     bd, chunk, _ = sst._config()  # the launch configuration the models use
     consts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, K=chunk, BD=bd, BN=16)
+    if kernel == "_scan_bwd_kernel":
+        consts["HAS_DLAST"] = True
     # activations (and their gradients) in `act`; A, D, delta_bias, states and fp32 accumulators in fp32
     fp32_ptrs = {"A_ptr", "D_ptr", "bias_ptr", "last_ptr", "ckpt_ptr", "scratch_ptr", "dlast_ptr", "dA_ptr", "dB_ptr",
                  "dC_ptr", "dD_ptr", "dbias_ptr"}

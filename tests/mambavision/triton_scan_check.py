@@ -21,6 +21,7 @@ SHAPES = [(2, 64, 70, 4, 0), (2, 48, 33, 5, 3), (1, 64, 32, 8, 2), (2, 40, 1, 3,
 
 COMPILED = "compiled-fullgraph-b2-d48-l33-n5-g3"
 LAUNCHED = "launch-4x16x4-b2-d64-l70-n4-g2"  # a launch configuration other than the default rule's
+OUT_ONLY = "out-only-b2-d64-l70-n4-g2"  # no gradient reaches the last state (the models' use)
 
 
 def case_id(shape, dtype=torch.float32):
@@ -39,12 +40,13 @@ def inputs(b, d, l, n, groups, dtype=torch.float32, device="cpu", seed=0):
             for k, v in t.items()}
 
 
-def run(fn, args, **kw):
-    """Output, last state and every input's gradient for a fixed random projection of both outputs."""
+def run(fn, args, use_last=True, **kw):
+    """Output, last state and every input's gradient for a fixed random projection of both outputs (of ``out``
+    alone with ``use_last=False``, as the models use the scan: then no gradient reaches the last state)."""
     out, last = fn(**args, delta_softplus=True, return_last_state=True, **kw)
     g = torch.Generator().manual_seed(1)
     proj = lambda x: (x.float() * torch.randn(x.shape, generator=g).to(x.device)).sum()  # noqa: E731
-    grads = torch.autograd.grad(proj(out) + proj(last), [args[k] for k in NAMES])
+    grads = torch.autograd.grad(proj(out) + (proj(last) if use_last else 0), [args[k] for k in NAMES])
     return out, last, dict(zip(NAMES, grads))
 
 
@@ -52,10 +54,11 @@ def rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
 
 
-def errors(args, backend="triton", reference=None, fn=selective_scan_fn):
+def errors(args, backend="triton", reference=None, fn=selective_scan_fn, use_last=True):
     """Relative errors of every output and gradient against the reference (default: the per-step loop)."""
-    out, last, grads = run(fn, args, backend=backend)
-    ref, ref_last, ref_grads = run(selective_scan_ref, args) if reference is None else run(selective_scan_fn, args, backend=reference)
+    out, last, grads = run(fn, args, use_last, backend=backend)
+    ref, ref_last, ref_grads = (run(selective_scan_ref, args, use_last) if reference is None
+                                else run(selective_scan_fn, args, use_last, backend=reference))
     errs = {"out": rel(out, ref), "last": rel(last, ref_last)}
     errs.update({"d" + k: rel(grads[k], ref_grads[k]) for k in NAMES})
     errs["dtypes_kept"] = out.dtype == args["u"].dtype and all(grads[k].dtype == args[k].dtype for k in NAMES)
@@ -71,6 +74,7 @@ if __name__ == "__main__":
     results[COMPILED] = errors(inputs(2, 48, 33, 5, 3), fn=compiled)
     from mambavision.ops import selective_scan_triton as sst
 
+    results[OUT_ONLY] = errors(inputs(2, 64, 70, 4, 2), use_last=False)
     sst.LAUNCH = (4, 16, 4)  # five 16-step chunks, 4-channel programs
     results[LAUNCHED] = errors(inputs(2, 64, 70, 4, 2))
     print(json.dumps(results))
