@@ -126,7 +126,9 @@ def _resolve_backend(backend: Optional[str], device_type: str, dtype: torch.dtyp
     if compiling or (length is not None and length <= SHORT_SEQUENCE):
         # Under torch.compile, auto prefers the kernel the compiler can trace through: the compiled mv_hybrid
         # DINOv2 step ran at 202 images/s with it against 183 with mamba-ssm's graph break (docs/performance.md).
-        # On short sequences ours is also the faster kernel: 0.74-0.83x of mamba-ssm's time at 112 px (L = 50).
+        # On short sequences ours is also faster in an eager call: 0.56x of mamba-ssm's wall time at 112 px (L = 50).
+        # At 257 tokens its kernels are faster too (0.72x of the GPU time), but an eager call there is bound by
+        # launching them (1.2x the wall time, H200, docs/performance.md), so eager long sequences keep mamba-ssm.
         fast.reverse()
     return choose_backend("selective-scan", backend, BACKEND_ENV, fast)
 
