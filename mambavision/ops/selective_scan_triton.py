@@ -8,14 +8,14 @@ It computes the whole of mamba-ssm's ``selective_scan_fn`` in one pass, as mamba
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t,      y_t = <C_t, h_t> + D * u_t,
     out = y * silu(z)
 
-and returns ``(out, h_L)``. One program owns one batch element and ``BD`` channels, and holds the
-(channels x states) state tile in registers, one or a few entries per thread. It walks the sequence one
-step at a time: the recurrence is sequential in each thread, as in mamba-ssm, where a thread scans its
-own run of steps. There is no scan across lanes (Triton spreads a parallel scan's time axis over lanes,
-so each level of ``tl.associative_scan`` is a round of shuffles, which bound the earlier kernel of this
-file); the only cross-lane work per step is the sum over states for ``y``. The batch and channel axes
-give enough independent lanes (64 x 384 at MV_Hybrid's 256 px) to hide each step's latency. The
-per-step loads are single elements of the (b, d, l) rows; consecutive steps hit the same cache lines.
+and returns ``(out, h_L)``. One program owns one batch element and ``BD`` channels, and holds their
+(states x channels) state tile in registers: one channel per thread, with all its states. It walks the
+sequence one step at a time, sequential in each thread as mamba-ssm's threads are over their own runs of
+steps. So the forward has no cross-lane work at all (the sum over states for ``y`` stays in the thread),
+where a parallel scan in Triton spreads the time axis over lanes and pays a round of shuffles per level of
+``tl.associative_scan`` (the earlier kernel of this file). The batch and channel axes give the parallelism
+(64 x 384 threads at MV_Hybrid's 256 px). The per-step loads are single elements of the (b, d, l) rows;
+consecutive steps hit the same cache lines.
 
 Forward stores the state entering every chunk of ``K`` steps (B*D*N*L/K floats). Backward walks the
 chunks from the end: it recomputes the chunk's states from that start state into a per-program scratch
@@ -24,8 +24,9 @@ adjoint recurrence
 
     g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}
 
-and forming every gradient from ``h_t`` and ``g_t``. The decay's gradient uses
-``exp(delta_t A) h_{t-1} = h_t - delta_t B_t u_t``, so no shifted state is needed. The gradients of B
+and forming every gradient from ``h_t`` and ``g_t``; only the sums over channels (dB, dC) cross lanes.
+The decay's gradient uses ``exp(delta_t A) h_{t-1} = h_t - delta_t B_t u_t``, so no shifted state is
+needed. The gradients of B
 and C are sums over the channels of a group: each program writes its partial sum and PyTorch adds them
 (deterministic). Those of A, D and delta_bias are sums over the batch, accumulated with fp32 atomics once
 per program, so they are not bit-reproducible from run to run.
