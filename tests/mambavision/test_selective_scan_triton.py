@@ -48,8 +48,7 @@ def test_interpreted_kernel_matches_reference(case, interpreted):
 
 @pytest.mark.parametrize("kernel", ["_scan_fwd_kernel", "_scan_bwd_kernel"], ids=["fwd", "bwd"])
 @pytest.mark.parametrize("act", ["fp32", "bf16"])
-@pytest.mark.parametrize("length", [257, 50], ids=["L257", "L50"])
-def test_kernels_compile_for_h100(kernel, act, length):
+def test_kernels_compile_for_h100(kernel, act):
     """The interpreter does not type-check; compiling to an sm_90 cubin (no GPU needed) does."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
