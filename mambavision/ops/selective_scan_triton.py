@@ -81,6 +81,16 @@ def _delta(dt_ptr, bias, ptr, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constex
     return dt, raw
 
 
+@triton.jit
+def _step_inputs(u_ptr, dt_ptr, B_ptr, row, bc, t, mask_d, mask_n, bias, HAS_BIAS: tl.constexpr,
+                 SOFTPLUS: tl.constexpr):
+    # What step t of the recurrence reads: u and delta per channel, B per state; and delta's pre-activation.
+    u = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
+    dt, raw = _delta(dt_ptr, bias, row + t, mask_d, HAS_BIAS, SOFTPLUS)
+    Bt = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
+    return u, dt, raw, Bt
+
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -112,9 +122,7 @@ def _scan_fwd_kernel(
     for c in range(0, n_chunks):
         tl.store(ckpt_ptr + (pid_b * n_chunks + c) * N * D + state, h, mask=mask_nd)  # the backward restarts here
         for t in range(c * K, tl.minimum(c * K + K, L)):
-            u = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            dt, _ = _delta(dt_ptr, bias, row + t, mask_d, HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
+            u, dt, _, Bt = _step_inputs(u_ptr, dt_ptr, B_ptr, row, bc, t, mask_d, mask_n, bias, HAS_BIAS, SOFTPLUS)
             Ct = tl.load(C_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
             h = tl.exp2(dt[None, :] * A2) * h + Bt[:, None] * (dt * u)[None, :]
             y = tl.sum(h * Ct[:, None], axis=0) + Dv * u
@@ -164,17 +172,13 @@ def _scan_bwd_kernel(
         t1 = tl.minimum(t0 + K, L)
         h = tl.load(ckpt_ptr + (pid_b * n_chunks + c) * N * D + state, mask=mask_nd, other=0.0)
         for t in range(t0, t1):  # recompute the chunk's states
-            u = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            dt, _ = _delta(dt_ptr, bias, row + t, mask_d, HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
+            u, dt, _, Bt = _step_inputs(u_ptr, dt_ptr, B_ptr, row, bc, t, mask_d, mask_n, bias, HAS_BIAS, SOFTPLUS)
             h = tl.exp2(dt[None, :] * A2) * h + Bt[:, None] * (dt * u)[None, :]
             tl.store(scratch_ptr + tile + (t - t0) * BN * BD, h)
         for s in range(0, t1 - t0):  # then walk it backwards
             t = t1 - 1 - s
             h = tl.load(scratch_ptr + tile + (t - t0) * BN * BD)
-            u = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            dt, raw = _delta(dt_ptr, bias, row + t, mask_d, HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
+            u, dt, raw, Bt = _step_inputs(u_ptr, dt_ptr, B_ptr, row, bc, t, mask_d, mask_n, bias, HAS_BIAS, SOFTPLUS)
             Ct = tl.load(C_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
             dout = tl.load(dout_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
             dy = dout
@@ -279,7 +283,7 @@ def _bwd(u, delta, A, A_nd, B, C, D, z, delta_bias, ckpt, dout, dlast, delta_sof
     dz = torch.empty_like(z) if z is not None else None
     # dA (n, d), dD and dbias, summed over the batch by atomics: one zeroed buffer (each op costs host time)
     sums = u.new_zeros((n * d + 2 * d,), **f32)
-    dA, dD, dbias = sums[:n * d].view(n, d), sums[n * d:n * d + d], sums[n * d + d:]
+    dA, dD, dbias = _split_sums(sums, n, d)
     # Per-program partial sums of dB and dC over its channels (no atomics: deterministic), reduced below.
     parts = u.new_empty((2, b, grid[1], n, l), **f32)
     scratch = u.new_empty((b * grid[1] * meta["K"] * meta["BD"] * meta["BN"],), **f32)  # each program's chunk states
@@ -292,14 +296,18 @@ def _bwd(u, delta, A, A_nd, B, C, D, z, delta_bias, ckpt, dout, dlast, delta_sof
     return [du, ddelta, dz if z is not None else u.new_empty(0), sums, dBC]
 
 
+def _split_sums(sums, n, d):
+    """dA (n, d), dD and dbias: views of the one fp32 buffer the backward's atomics add into."""
+    return sums[:n * d].view(n, d), sums[n * d:n * d + d], sums[n * d + d:]
+
+
 def _grads(raw, A, C, D, z, delta_bias):
     """The eight inputs' gradients from ``_bwd``'s outputs, None for an absent input."""
     du, ddelta, dz, sums, dBC = raw
-    d, n = A.shape
+    dA, dD, dbias = _split_sums(sums, *A.t().shape)
     cast = lambda g, like: g.to(like.dtype) if like is not None else None  # noqa: E731
-    dA = sums[:n * d].view(n, d).t()
-    return (du, ddelta, dA.to(A.dtype), dBC[0], dBC[1].to(C.dtype), cast(sums[n * d:n * d + d], D),
-            dz if z is not None else None, cast(sums[n * d + d:], delta_bias))
+    return (du, ddelta, dA.t().to(A.dtype), dBC[0], dBC[1].to(C.dtype), cast(dD, D),
+            dz if z is not None else None, cast(dbias, delta_bias))
 
 
 def _direct(kernel, grid):
