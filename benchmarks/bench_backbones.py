@@ -32,11 +32,15 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(model, size, batch, train, device, dtype, steps, warmup):
+def measure(model, size, batch, train, device, dtype, steps, warmup, graphs=False):
+    """Images/s. ``graphs``: the model replays CUDA graphs (torch.compile's reduce-overhead), so each step
+    tells them that the last step's outputs are dead."""
     x = torch.randn(batch, 3, size, size, device=device)
     model.train(train)
 
     def step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             if train:
                 out = model.forward_features(x)

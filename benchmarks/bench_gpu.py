@@ -107,7 +107,9 @@ def split_specs(specs):
 def build_backbone(spec, tiny):
     """``name`` or ``name[key=value,...]``; keys: einfft (impl), scan (backend), compile (``blocks``: each
     block, as the trainer's ``compute_precision.compile``; ``model``: the whole forward; ``cudagraphs``: the
-    whole forward in CUDA graphs, torch.compile's ``reduce-overhead``). Returns (model, scan)."""
+    whole forward in CUDA graphs, torch.compile's ``reduce-overhead``) and mode (``compile=blocks``' mode, as the
+    trainer's ``compute_precision.compile_mode``: ``reduce-overhead`` replays each block as CUDA graphs).
+    Returns (model, scan, graphs): graphs is whether a step must call ``cudagraph_mark_step_begin``."""
     m = re.fullmatch(r"([\w:]+)(?:\[(.*)\])?", spec)
     name, opts = m.group(1), dict(kv.split("=") for kv in (m.group(2) or "").split(",") if kv)
     if name.startswith("timm:"):
@@ -118,16 +120,18 @@ def build_backbone(spec, tiny):
         for mod in model.modules():
             if isinstance(mod, EinFFT):
                 mod.impl = opts["einfft"]
-    how = opts.get("compile")
+    how, mode = opts.get("compile"), opts.get("mode", "default")
+    if mode not in ("default", "reduce-overhead") or (mode != "default" and how != "blocks"):
+        raise ValueError(f"{spec}: mode must be default or reduce-overhead, and needs compile=blocks")
     if how == "blocks":
-        model.compile_blocks()
+        model.compile_blocks(mode=mode)
     elif how in ("model", "cudagraphs"):
         kw = dict(dynamic=False, mode="reduce-overhead" if how == "cudagraphs" else None)
         model.forward_features = torch.compile(model.forward_features, **kw)
         model.forward = torch.compile(model.forward, **kw)
     elif how is not None:
         raise ValueError(f"{spec}: compile must be blocks, model or cudagraphs")
-    return model, opts.get("scan")
+    return model, opts.get("scan"), how == "cudagraphs" or mode == "reduce-overhead"
 
 
 # -- sections ------------------------------------------------------------------------------------
@@ -138,11 +142,11 @@ def bench_backbones(args, device, report):
     for spec in specs:
         torch.manual_seed(0)
         torch._dynamo.reset()  # each row compiles afresh, as in a process of its own (no shared recompile budget)
-        model, scan = build_backbone(spec, args.tiny)
+        model, scan, graphs = build_backbone(spec, args.tiny)
         model = model.to(device)
         with scan_backend(scan):
-            rows[spec] = {c[0]: measure(model, c[1], c[2], c[3], device, torch.bfloat16, args.steps, args.warmup)
-                          for c in cases}
+            rows[spec] = {c[0]: measure(model, c[1], c[2], c[3], device, torch.bfloat16, args.steps, args.warmup,
+                                        graphs=graphs) for c in cases}
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -592,10 +596,12 @@ def bench_profile(args, device, report):
     batch = 8 if args.tiny else 64
     x = torch.randn(batch, 3, 256, 256, device=device)
     for spec in split_specs(args.profile):
-        model, scan = build_backbone(spec, args.tiny)
+        model, scan, graphs = build_backbone(spec, args.tiny)
         model = model.to(device).train()
 
         def step():
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = model.forward_features(x)
                 (out["x_norm_clstoken"].float().mean() + out["x_norm_patchtokens"].float().mean()).backward()
