@@ -136,7 +136,7 @@ def _scan_fwd_kernel(
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, dlast_ptr, ckpt_ptr, scratch_ptr,
-    du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
+    du_ptr, ddt_ptr, sums_ptr, parts_ptr, dz_ptr,
     L, D, N, chans_per_group, n_chunks, n_dblocks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     K: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, HAS_DLAST: tl.constexpr,
@@ -150,7 +150,9 @@ def _scan_bwd_kernel(
     mask_nd = mask_n[:, None] & mask_d[None, :]
     row = pid_b * D * L + offs_d * L
     bc = (pid_b * (D // chans_per_group) + (pid_d * BD) // chans_per_group) * N * L + offs_n * L
-    part = (pid_b * n_dblocks + pid_d) * N * L + offs_n * L  # this program's partial dB, dC: (b, d-blocks, n, l)
+    # This program's partial dB and dC; parts is (2, b, d-blocks, n, l), and dC is its second half.
+    part = (pid_b * n_dblocks + pid_d) * N * L + offs_n * L
+    dC_ptr = parts_ptr + tl.num_programs(0).to(tl.int64) * n_dblocks * N * L
     state = offs_n[:, None] * D + offs_d[None, :]
     # this program's scratch: the chunk's states, (K, BN, BD) fp32, laid out as the tile so each thread rereads its own
     tile = (pid_b * n_dblocks + pid_d) * K * BN * BD + offs_n[:, None] * BD + tl.arange(0, BD)[None, :]
@@ -190,7 +192,7 @@ def _scan_bwd_kernel(
             w = dt * u
             inp = Bt[:, None] * w[None, :]
             tl.store(dC_ptr + part + t, tl.sum(h * dy[None, :], axis=1), mask=mask_n)
-            tl.store(dB_ptr + part + t, tl.sum(g * w[None, :], axis=1), mask=mask_n)
+            tl.store(parts_ptr + part + t, tl.sum(g * w[None, :], axis=1), mask=mask_n)
             dw = tl.sum(g * Bt[:, None], axis=0)
             dlog = g * (h - inp)  # g_t * exp(delta_t A) h_{t-1}
             ddt = tl.sum(dlog * A, axis=0) + dw * u
@@ -210,11 +212,12 @@ def _scan_bwd_kernel(
                 dz = dout * y * sz * (1.0 + z * (1.0 - sz))
                 tl.store(dz_ptr + row + t, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
             decay_next = tl.exp2(dt[None, :] * A2)
-    tl.atomic_add(dA_ptr + state, dA, mask=mask_nd)
+    # sums holds dA (n, d), then dD, then dbias (see _split_sums)
+    tl.atomic_add(sums_ptr + state, dA, mask=mask_nd)
     if HAS_D:
-        tl.atomic_add(dD_ptr + offs_d, dD, mask=mask_d)
+        tl.atomic_add(sums_ptr + N * D + offs_d, dD, mask=mask_d)
     if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + offs_d, dbias, mask=mask_d)
+        tl.atomic_add(sums_ptr + N * D + D + offs_d, dbias, mask=mask_d)
 
 
 def _block_d(chans_per_group: int, bd: int) -> int:
@@ -283,13 +286,15 @@ def _bwd(u, delta, A, A_nd, B, C, D, z, delta_bias, ckpt, dout, dlast, delta_sof
     dz = torch.empty_like(z) if z is not None else None
     # dA (n, d), dD and dbias, summed over the batch by atomics: one zeroed buffer (each op costs host time)
     sums = u.new_zeros((n * d + 2 * d,), **f32)
-    dA, dD, dbias = _split_sums(sums, n, d)
     # Per-program partial sums of dB and dC over its channels (no atomics: deterministic), reduced below.
     parts = u.new_empty((2, b, grid[1], n, l), **f32)
+    # Both go to the kernel whole, never as views: inductor clones a view that a user kernel writes, and in
+    # torch 2.11 it built those clones of slices of one new_zeros buffer by reading past the slice's own
+    # allocation (wrong dD and dbias, and an illegal memory access in the compiled mv_hybrid step; H200, 60fb7e9).
     scratch = u.new_empty((b * grid[1] * meta["K"] * meta["BD"] * meta["BN"],), **f32)  # each program's chunk states
     launch(_scan_bwd_kernel, grid)(
         u, delta, A_nd, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), dout, _or(dlast, u), ckpt, scratch,
-        du, ddelta, dA, parts[0], parts[1], dD, _or(dz, u), dbias,
+        du, ddelta, sums, parts, _or(dz, u),
         l, d, n, cpg, n_chunks, grid[1], HAS_DLAST=dlast is not None, **meta,
     )
     dBC = parts.view(2, b, groups, grid[1] // groups, n, l).sum(3).to(B.dtype)
