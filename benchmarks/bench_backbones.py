@@ -41,6 +41,9 @@ def measure(model, size, batch, train, device, dtype, steps, warmup, graphs=Fals
     def step():
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
+        if train:
+            # as a trainer does: a graph's outputs live until its next replay, so no grad may outlast its step
+            model.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             if train:
                 out = model.forward_features(x)

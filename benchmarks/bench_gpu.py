@@ -136,7 +136,10 @@ def build_backbone(spec, tiny):
 
 # -- sections ------------------------------------------------------------------------------------
 def bench_backbones(args, device, report):
-    cases = [(n, s, max(1, b // 64) if args.tiny else b, t) for n, s, b, t in CASES]
+    cases = [(n, s, max(1, b // 64) if args.tiny else b, t) for n, s, b, t in CASES
+             if not args.cases or n in args.cases.split(",")]
+    if not cases:
+        raise SystemExit(f"--cases {args.cases!r}: none of {[c[0] for c in CASES]}")
     specs = split_specs(args.backbones)
     rows = {}
     for spec in specs:
@@ -602,6 +605,7 @@ def bench_profile(args, device, report):
         def step():
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
+            model.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = model.forward_features(x)
                 (out["x_norm_clstoken"].float().mean() + out["x_norm_patchtokens"].float().mean()).backward()
@@ -659,6 +663,7 @@ def main(argv=None):
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backbones", default=BACKBONES)
+    p.add_argument("--cases", default="", help="backbones section: a subset of " + ",".join(c[0] for c in CASES))
     p.add_argument("--archs", default="mv_hybrid,vit_12", help="backbones for the step section")
     p.add_argument("--precisions", default=",".join(PRECISIONS), help=f"subset of {list(PRECISIONS)}")
     p.add_argument("--step-batch", type=int, default=64, help="batch per GPU for step and loader (paper: 64)")

@@ -102,6 +102,7 @@ def main():
     def step():
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
+        model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model.forward_features(x)
             (out["x_norm_clstoken"].float().mean() + out["x_norm_patchtokens"].float().mean()).backward()

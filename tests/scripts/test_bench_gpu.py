@@ -24,6 +24,17 @@ def test_step_modes_parse_and_bad_options_are_named():
         bench_gpu.parse_step_mode("bf17")
 
 
+def test_backbone_specs_name_their_compile_mode_and_whether_steps_replay_graphs():
+    model, scan, graphs = bench_gpu.build_backbone("vit_12[compile=blocks,mode=reduce-overhead]", tiny=True)
+    assert scan is None and graphs
+    model, scan, graphs = bench_gpu.build_backbone("mv_hybrid[scan=triton,compile=blocks]", tiny=True)
+    assert scan == "triton" and not graphs
+    with pytest.raises(ValueError, match="needs compile=blocks"):
+        bench_gpu.build_backbone("vit_12[mode=reduce-overhead]", tiny=True)
+    with pytest.raises(ValueError, match="compile must be"):
+        bench_gpu.build_backbone("vit_12[compile=everything]", tiny=True)
+
+
 def test_tiny_step_row_reports_host_phases_and_restores_what_it_patched(tmp_path):
     from dino import fsdp
 
