@@ -104,12 +104,13 @@ def _triton_interpreted() -> bool:
 
 @torch.compiler.assume_constant_result
 def _resolve_backend(backend: Optional[str], device_type: str, dtype: torch.dtype, time_varying_bc: bool,
-                     compiling: bool = False, length: Optional[int] = None) -> str:
+                     compiling: bool = False, length: Optional[int] = None, symbolic: bool = False) -> str:
     # Plain arguments, no tensors: under torch.compile the choice is made once at trace time, as a constant.
     if device_type == "meta":
         return "torch"  # shapes and FLOPs only (the trainer counts a step's FLOPs on a meta copy): no kernel runs
     on_cuda = device_type == "cuda"
-    triton_ok = ((on_cuda or _triton_interpreted()) and dtype != torch.float64
+    # symbolic: traced with dynamic shapes, where the kernels' grid and launch rule (Python ints) cannot be formed
+    triton_ok = ((on_cuda or _triton_interpreted()) and dtype != torch.float64 and not symbolic
                  and time_varying_bc and triton_scan_available())  # CPU runs never import triton
 
     def triton_why_not():
@@ -117,6 +118,8 @@ def _resolve_backend(backend: Optional[str], device_type: str, dtype: torch.dtyp
             return f"triton does not import ({import_error('mambavision.ops.selective_scan_triton')})"
         if not (on_cuda or _triton_interpreted()):
             return f"it needs CUDA tensors (or TRITON_INTERPRET=1), got u on {device_type}"
+        if symbolic:
+            return "under torch.compile it needs static shapes (dynamic=False), and this trace has symbolic ones"
         return "it supports fp32/bf16/fp16 inputs with time-varying B and C (batch, [groups,] dstate, length)"
 
     fast = [("cuda", on_cuda and mamba_ssm_available(),
@@ -161,7 +164,8 @@ def selective_scan_fn(
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     choice = _resolve_backend(backend, u.device.type, u.dtype, B.dim() > 2 and C.dim() > 2,
-                              torch.compiler.is_compiling(), u.shape[-1])
+                              torch.compiler.is_compiling(), u.shape[-1],
+                              not all(isinstance(s, int) for s in (*u.shape, *B.shape)))
     if choice == "cuda":
         return _cuda_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if chunk_size < 1:

@@ -116,6 +116,10 @@ def test_auto_prefers_the_traceable_kernel_under_compile(monkeypatch):
     assert ss._resolve_backend("cuda", "cuda", torch.bfloat16, True, length=56) == "cuda"  # forced stays
     assert ss._resolve_backend(None, "cuda", torch.bfloat16, True, compiling=True) == "triton"
     assert ss._resolve_backend("cuda", "cuda", torch.bfloat16, True, compiling=True) == "cuda"  # forced stays
+    # a trace with dynamic shapes cannot form the kernels' launch: auto falls back, a forced triton says why
+    assert ss._resolve_backend(None, "cuda", torch.bfloat16, True, compiling=True, symbolic=True) == "cuda"
+    with pytest.raises(Exception, match="static shapes"):
+        ss._resolve_backend("triton", "cuda", torch.bfloat16, True, compiling=True, symbolic=True)
     # constant B/C: our kernel does not take them, so compile falls back to mamba-ssm's
     assert ss._resolve_backend(None, "cuda", torch.bfloat16, False, compiling=True) == "cuda"
     # meta tensors (the trainer's FLOP count) never reach a kernel
@@ -163,18 +167,24 @@ def test_compiled_scan_as_the_mixer_calls_it(shape):
         torch.cuda.synchronize()
         return out
 
-    got, want = grads(torch.compile(loss, fullgraph=True)), grads(loss)
-    for name, g, w in zip(args, got, want):
-        assert torch.allclose(g.float(), w.float(), rtol=2e-2, atol=2e-2 * w.float().abs().max().item()), name
+    got, want = grads(torch.compile(loss, fullgraph=True, dynamic=False)), grads(loss)
+    errs = {name: ((g.float() - w.float()).abs().max() / w.float().abs().max()).item()
+            for name, g, w in zip(args, got, want)}
+    bad = {k: f"{v:.1e}" for k, v in errs.items() if not v <= 2e-2}
+    assert not bad, bad
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_blocks_train_step_matches_eager(monkeypatch):
     """A small mv_hybrid, each block compiled as the trainer does: forward_features + backward with the Triton scan
-    gives the eager step's gradients."""
+    gives the eager step's gradients. In fp32, where the two differ only in the order of fused arithmetic (under
+    bf16 autocast inductor's fusions skip the eager path's roundings: gradients of block 0's EinFFT differed by up
+    to 10% of their largest entry, with the PyTorch scan as with ours, H200), so a wrongly wired gradient shows."""
     import mambavision
 
     monkeypatch.setenv(ss.BACKEND_ENV, "triton")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full fp32 in both
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     eager = mambavision.create_model("mv_hybrid", embed_dim=128, depth=2, num_heads=2).cuda()
     compiled = mambavision.create_model("mv_hybrid", embed_dim=128, depth=2, num_heads=2).cuda()
@@ -182,12 +192,10 @@ def test_compiled_blocks_train_step_matches_eager(monkeypatch):
     compiled.compile_blocks()
     x = torch.randn(2, 3, 256, 256, device="cuda")
     for model in (eager, compiled):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model.forward_features(x)
-            (out["x_norm_clstoken"].float().square().mean() + out["x_norm_patchtokens"].float().square().mean()).backward()
+        out = model.forward_features(x)
+        (out["x_norm_clstoken"].square().mean() + out["x_norm_patchtokens"].square().mean()).backward()
         torch.cuda.synchronize()
-    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
-        if p.grad is None:
-            continue
-        scale = p.grad.float().abs().max().item() + 1e-12
-        assert (p.grad.float() - q.grad.float()).abs().max().item() <= 5e-2 * scale, name
+    errs = {name: ((p.grad.float() - q.grad.float()).abs().max() / (p.grad.float().abs().max() + 1e-12)).item()
+            for (name, p), q in zip(eager.named_parameters(), compiled.parameters()) if p.grad is not None}
+    bad = {k: f"{v:.1e}" for k, v in errs.items() if not v <= 1e-3}
+    assert not bad, bad
