@@ -130,8 +130,9 @@ def _resolve_backend(backend: Optional[str], device_type: str, dtype: torch.dtyp
         # Under torch.compile, auto prefers the kernel the compiler can trace through: the compiled mv_hybrid
         # DINOv2 step ran at 202 images/s with it against 183 with mamba-ssm's graph break (docs/performance.md).
         # On short sequences ours is also faster in an eager call: 0.56x of mamba-ssm's wall time at 112 px (L = 50).
-        # At 257 tokens its kernels are faster too (0.72x of the GPU time), but an eager call there is bound by
-        # launching them (1.2x the wall time, H200, docs/performance.md), so eager long sequences keep mamba-ssm.
+        # At 257 tokens its kernels are faster too (0.71x of the GPU time), but an eager call there is bound by
+        # launching them (1.10x the wall time in bf16), and an eager mv_hybrid train step runs at 574 images/s
+        # with it against 679 with mamba-ssm's (H200, docs/performance.md), so eager long sequences keep mamba-ssm.
         fast.reverse()
     return choose_backend("selective-scan", backend, BACKEND_ENV, fast)
 
