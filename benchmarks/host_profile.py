@@ -94,6 +94,8 @@ def main():
     p.add_argument("--cprofile", action="store_true", help="Python functions by own time (cProfile) instead")
     p.add_argument("--find-syncs", action="store_true", help="list the synchronising calls instead")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("host_profile.py times the host against a CUDA GPU's queue: it needs one")
     model, scan, graphs = build_backbone(args.model, tiny=False)
     os.environ[BACKEND_ENV] = scan or args.scan
     model = model.cuda().train()
