@@ -32,25 +32,32 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(model, size, batch, train, device, dtype, steps, warmup, graphs=False):
-    """Images/s. ``graphs``: the model replays CUDA graphs (torch.compile's reduce-overhead), so each step
-    tells them that the last step's outputs are dead."""
-    x = torch.randn(batch, 3, size, size, device=device)
-    model.train(train)
-
+def make_step(model, x, train, dtype, graphs=False):
+    """One benchmark step on x: ``forward_features`` + backward (train) or a no-grad forward, under autocast to
+    dtype. ``graphs``: the model replays CUDA graphs (torch.compile's reduce-overhead), so each step tells them
+    that the last step's outputs are dead."""
     def step():
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         if train:
             # as a trainer does: a graph's outputs live until its next replay, so no grad may outlast its step
             model.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
             if train:
                 out = model.forward_features(x)
                 (out["x_norm_clstoken"].float().mean() + out["x_norm_patchtokens"].float().mean()).backward()
             else:
                 with torch.no_grad():
                     model(x)
+
+    return step
+
+
+def measure(model, size, batch, train, device, dtype, steps, warmup, graphs=False):
+    """Images/s of ``make_step``'s step at this size and batch."""
+    x = torch.randn(batch, 3, size, size, device=device)
+    model.train(train)
+    step = make_step(model, x, train, dtype, graphs)
 
     for _ in range(warmup):
         step()

@@ -37,7 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import mambavision  # noqa: E402
-from bench_backbones import CASES, TINY, measure, tiny_overrides  # noqa: E402
+from bench_backbones import CASES, TINY, make_step, measure, tiny_overrides  # noqa: E402
 from bench_selective_scan import make_inputs  # noqa: E402
 from mambavision.layers import EinFFT  # noqa: E402
 
@@ -601,15 +601,7 @@ def bench_profile(args, device, report):
     for spec in split_specs(args.profile):
         model, scan, graphs = build_backbone(spec, args.tiny)
         model = model.to(device).train()
-
-        def step():
-            if graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            model.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model.forward_features(x)
-                (out["x_norm_clstoken"].float().mean() + out["x_norm_patchtokens"].float().mean()).backward()
-
+        step = make_step(model, x, True, torch.bfloat16, graphs)
         with scan_backend(scan):
             for _ in range(3):
                 step()

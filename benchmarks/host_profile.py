@@ -29,7 +29,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gpu import build_backbone  # noqa: E402
+from bench_gpu import build_backbone  # noqa: E402  (puts the repository on sys.path)
+from bench_backbones import make_step  # noqa: E402
 from mambavision.ops.selective_scan import BACKEND_ENV  # noqa: E402
 
 
@@ -101,13 +102,7 @@ def main():
     model = model.cuda().train()
     x = torch.randn(args.batch, 3, 256, 256, device="cuda")
 
-    def step():
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model.forward_features(x)
-            (out["x_norm_clstoken"].float().mean() + out["x_norm_patchtokens"].float().mean()).backward()
+    step = make_step(model, x, True, torch.bfloat16, graphs)
 
     for _ in range(3):
         step()

@@ -164,9 +164,9 @@ def selective_scan_fn(
     PyTorch scan) is a graph break.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    choice = _resolve_backend(backend, u.device.type, u.dtype, B.dim() > 2 and C.dim() > 2,
-                              torch.compiler.is_compiling(), u.shape[-1],
-                              not all(isinstance(s, int) for s in (*u.shape, *B.shape)))
+    compiling = torch.compiler.is_compiling()  # only a trace has symbolic shapes: eager calls skip the check
+    choice = _resolve_backend(backend, u.device.type, u.dtype, B.dim() > 2 and C.dim() > 2, compiling, u.shape[-1],
+                              compiling and not all(isinstance(s, int) for s in (*u.shape, *B.shape)))
     if choice == "cuda":
         return _cuda_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if chunk_size < 1:
